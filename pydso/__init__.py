@@ -1,0 +1,32 @@
+"""pydso: Dynamical System Optimization in JAX.
+
+Once a parametric policy controls a plant, the closed loop is an autonomous dynamical system; pydso optimises its
+parameters ``theta`` (any pytree) directly. See ``docs/theory.md`` for the maths and DESIGN.md for the architecture.
+Importing pydso enables float64 in JAX (set ``PYDSO_X64=0`` before import to keep float32).
+"""
+
+from ._config import configure as _configure
+
+_configure()
+
+from ._errors import DivergenceError as DivergenceError  # noqa: E402
+from ._errors import ProblemError as ProblemError  # noqa: E402
+from .engine import Trajectories as Trajectories  # noqa: E402
+from .engine import rollout as rollout  # noqa: E402
+from .systems import AverageCost as AverageCost  # noqa: E402
+from .systems import Categorical as Categorical  # noqa: E402
+from .systems import DeterministicMap as DeterministicMap  # noqa: E402
+from .systems import Empirical as Empirical  # noqa: E402
+from .systems import Episodic as Episodic  # noqa: E402
+from .systems import FiniteHorizon as FiniteHorizon  # noqa: E402
+from .systems import Fixed as Fixed  # noqa: E402
+from .systems import GaussianChain as GaussianChain  # noqa: E402
+from .systems import MarkovChain as MarkovChain  # noqa: E402
+from .systems import Normal as Normal  # noqa: E402
+from .systems import ODESystem as ODESystem  # noqa: E402
+from .systems import Problem as Problem  # noqa: E402
+from .systems import SDESystem as SDESystem  # noqa: E402
+from .systems import TabularChain as TabularChain  # noqa: E402
+from .systems import Uniform as Uniform  # noqa: E402
+
+__version__ = "0.1.0"

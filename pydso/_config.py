@@ -1,0 +1,20 @@
+"""Numerical configuration applied when pydso is imported.
+
+pydso works in float64 by default: the exact tabular reference, finite-difference checks and long-horizon
+gradients need it. Importing pydso therefore sets ``jax_enable_x64`` unless the environment variable
+``PYDSO_X64=0`` is set before import (then JAX's default float32 is kept; use it for large GPU ensembles).
+A persistent compilation cache is enabled when ``PYDSO_CACHE_DIR`` names a directory.
+"""
+
+import os
+
+import jax
+
+
+def configure() -> None:
+    if os.environ.get("PYDSO_X64", "1") != "0":
+        jax.config.update("jax_enable_x64", True)
+    cache_dir = os.environ.get("PYDSO_CACHE_DIR")
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
