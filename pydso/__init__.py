@@ -11,8 +11,21 @@ _configure()
 
 from ._errors import DivergenceError as DivergenceError  # noqa: E402
 from ._errors import ProblemError as ProblemError  # noqa: E402
+from . import estimators as estimators  # noqa: E402
+from . import systems as systems  # noqa: E402
 from .engine import Trajectories as Trajectories  # noqa: E402
 from .engine import rollout as rollout  # noqa: E402
+from .estimators import Estimate as Estimate  # noqa: E402
+from .estimators import MeanBaseline as MeanBaseline  # noqa: E402
+from .estimators import NoBaseline as NoBaseline  # noqa: E402
+from .estimators import Pathwise as Pathwise  # noqa: E402
+from .estimators import Score as Score  # noqa: E402
+from .estimators import StateValueBaseline as StateValueBaseline  # noqa: E402
+from .estimators import pathwise_gradient as pathwise_gradient  # noqa: E402
+from .estimators import score_gradient as score_gradient  # noqa: E402
+from .optimize import OptimizeResult as OptimizeResult  # noqa: E402
+from .optimize import StepInfo as StepInfo  # noqa: E402
+from .optimize import minimize as minimize  # noqa: E402
 from .systems import AverageCost as AverageCost  # noqa: E402
 from .systems import Categorical as Categorical  # noqa: E402
 from .systems import DeterministicMap as DeterministicMap  # noqa: E402

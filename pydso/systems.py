@@ -93,7 +93,8 @@ class MarkovChain(AbstractChain):
 
 
 class GaussianChain(AbstractChain):
-    r"""Gaussian transitions :math:`x' = m(x,\theta) + \sigma(x,\theta)\odot\varepsilon`, :math:`\varepsilon\sim N(0,I)`.
+    r"""Gaussian transitions :math:`x' = m(x,\theta) + \sigma(x,\theta)\odot\varepsilon`, with
+    :math:`\varepsilon\sim N(0,I)`.
 
     ``mean_fn(x, theta)`` gives the mean; ``scale`` is a positive float, an array broadcastable to the state,
     or a callable ``scale(x, theta)`` (diagonal noise). The log-density is closed form and sampling is
