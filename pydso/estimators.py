@@ -170,7 +170,7 @@ def _jit_estimate(estimator, problem, theta, keys):
 
 
 def _transition_log_probs(system, states, theta):
-    """:math:`\log P(x_{t+1}\mid x_t,\theta)` along one episode's fixed states, shape ``(H,)``."""
+    r""":math:`\log P(x_{t+1}\mid x_t,\theta)` along one episode's fixed states, shape ``(H,)``."""
     states = jax.lax.stop_gradient(states)
     if isinstance(system, SDESystem):
         ts = jnp.arange(states.shape[0] - 1) * system.dt

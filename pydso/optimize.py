@@ -150,6 +150,16 @@ def _load_checkpoint(path: str, template: dict, key: jax.Array) -> dict:
     return out
 
 
+@eqx.filter_jit
+def _step(estimator, problem, optimizer, n, key, theta, opt_state, step):
+    """One compiled optimisation step (module level, so repeated or resumed runs reuse the compilation)."""
+    keys = episode_keys(jax.random.fold_in(key, step), n)
+    est = _jit_estimate(estimator, problem, theta, keys)
+    updates, opt_state = optimizer.update(est.gradient, opt_state, theta)
+    new_theta = optax.apply_updates(theta, updates)
+    return new_theta, opt_state, est.objective, est.objective_stderr, optax.tree.norm(est.gradient)
+
+
 def minimize(
     problem: Problem,
     theta0: PyTree,
@@ -208,20 +218,19 @@ def minimize(
         start, theta, opt_state = state["step"], state["theta"], state["opt_state"]
         best_theta, best_obj, history = state["best_theta"], state["best_objective"], state["history"]
 
-    @eqx.filter_jit
-    def step_fn(theta, opt_state, step):
-        keys = episode_keys(jax.random.fold_in(key, step), n)
-        est = _jit_estimate(estimator, problem, theta, keys)
-        updates, opt_state = optimizer.update(est.gradient, opt_state, theta)
-        new_theta = optax.apply_updates(theta, updates)
-        return new_theta, opt_state, est.objective, est.objective_stderr, optax.global_norm(est.gradient)
-
     def save(step):
         if checkpoint is not None:
             _save_checkpoint(
                 checkpoint,
-                {"theta": theta, "opt_state": opt_state, "best_theta": best_theta, "best_objective": best_obj,
-                 "history": history, "step": step, "key": key},
+                {
+                    "theta": theta,
+                    "opt_state": opt_state,
+                    "best_theta": best_theta,
+                    "best_objective": best_obj,
+                    "history": history,
+                    "step": step,
+                    "key": key,
+                },
             )
 
     message = f"completed {steps} steps"
@@ -229,7 +238,9 @@ def minimize(
     bar = progress_bar(range(start, steps), total=steps, initial=start, desc="minimize", enable=progress)
     try:
         for k in bar:
-            new_theta, new_opt_state, obj, obj_se, gnorm = step_fn(theta, opt_state, jnp.asarray(k))
+            new_theta, new_opt_state, obj, obj_se, gnorm = _step(
+                estimator, problem, optimizer, n, key, theta, opt_state, jnp.asarray(k)
+            )
             obj, obj_se, gnorm = float(obj), float(obj_se), float(gnorm)
             finite_theta = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new_theta))
             if not (np.isfinite(obj) and np.isfinite(gnorm) and finite_theta):

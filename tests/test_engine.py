@@ -1,0 +1,117 @@
+"""Rollouts: reproducibility, chunking, settings' weights, terminal sets, ODE/SDE against closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pydso
+from closed_form import double_integrator
+
+KEY = jax.random.key(42)
+
+
+def test_same_key_same_trajectories_whatever_the_chunk_size():
+    problem = double_integrator().problem()
+    k = jnp.array([[1.0, 2.0]])
+    whole = pydso.rollout(problem, k, KEY, 50)
+    chunked = pydso.rollout(problem, k, KEY, 50, chunk_size=16)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = pydso.rollout(problem, k, jax.random.key(1), 50)
+    assert not np.allclose(np.asarray(other.states), np.asarray(whole.states))
+
+
+def test_gaussian_chain_log_probs_are_the_transition_densities():
+    problem = double_integrator().problem()
+    k = jnp.array([[1.0, 2.0]])
+    traj = pydso.rollout(problem, k, KEY, 3)
+    lqr = double_integrator()
+    x, x_next = np.asarray(traj.states[:, :-1]), np.asarray(traj.states[:, 1:])
+    mean = x @ (lqr.A - lqr.B @ np.asarray(k)).T
+    expected = (-0.5 * ((x_next - mean) / lqr.sigma) ** 2 - np.log(lqr.sigma) - 0.5 * np.log(2 * np.pi)).sum(-1)
+    np.testing.assert_allclose(np.asarray(traj.log_probs), expected, rtol=1e-10)
+
+
+def test_objective_and_cost_to_go_use_the_setting_weights():
+    problem = double_integrator(gamma=0.8, horizon=7).problem()
+    traj = pydso.rollout(problem, jnp.array([[1.0, 1.0]]), KEY, 5)
+    w = 0.8 ** np.arange(7)
+    costs = np.asarray(traj.costs)
+    np.testing.assert_allclose(np.asarray(traj.objective), costs @ w, rtol=1e-12)
+    ctg = np.asarray(traj.cost_to_go())
+    for t in range(8):
+        np.testing.assert_allclose(ctg[:, t], costs[:, t:] @ w[t:], rtol=1e-12, atol=1e-14)
+
+
+def test_average_cost_weights_with_burn_in():
+    setting = pydso.AverageCost(horizon=10, burn_in=4)
+    w, w_end = setting.weights()
+    np.testing.assert_allclose(w, np.r_[np.zeros(4), np.full(6, 1 / 6)])
+    assert w_end == 0.0
+
+
+def test_terminal_set_absorbs_and_pays_terminal_cost_once():
+    # Deterministic walk x' = x + 1 from 0; terminal at x >= 3: costs at x = 0, 1, 2, terminal cost at x = 3.
+    problem = pydso.Problem(
+        pydso.DeterministicMap(lambda x, th: x + th),
+        lambda x, th: 1.0 + x[0],
+        pydso.Episodic(0.5, 10, terminal=lambda x: x[0] >= 3),
+        pydso.Fixed(jnp.zeros(1)),
+        terminal_cost=lambda x, th: 100.0 * x[0],
+    )
+    traj = pydso.rollout(problem, 1.0, KEY, 1)
+    np.testing.assert_array_equal(np.asarray(traj.alive[0]), [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(traj.states[0, :, 0]), [0, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3])
+    expected = 1.0 + 0.5 * 2.0 + 0.25 * 3.0 + 0.125 * 300.0
+    np.testing.assert_allclose(float(traj.objective[0]), expected, rtol=1e-14)
+
+
+def test_ode_cost_integral_matches_closed_form():
+    # x' = -a x, L = x^2: x(t) = x0 e^{-a t}, integral over [t_k, t_k + dt] of x0^2 e^{-2 a t}.
+    a, dt, horizon, x0 = 0.7, 0.1, 30, 1.3
+    problem = pydso.Problem(
+        pydso.ODESystem(lambda t, x, a: -a * x, dt=dt),
+        lambda x, a: jnp.sum(x**2),
+        pydso.FiniteHorizon(horizon),
+        pydso.Fixed(jnp.array([x0])),
+    )
+    traj = pydso.rollout(problem, a, KEY, 1)
+    t = dt * np.arange(horizon + 1)
+    np.testing.assert_allclose(np.asarray(traj.states[0, :, 0]), x0 * np.exp(-a * t), rtol=1e-6)
+    exact = x0**2 * (np.exp(-2 * a * t[:-1]) - np.exp(-2 * a * t[1:])) / (2 * a)
+    np.testing.assert_allclose(np.asarray(traj.costs[0]), exact, rtol=1e-6)
+
+
+def test_sde_ornstein_uhlenbeck_moments():
+    # dx = -a x dt + s dW: E x_T = x0 e^{-aT}, Var x_T = s^2 (1 - e^{-2aT}) / (2a) (Euler-Maruyama bias O(dt)).
+    a, s, dt, horizon, x0, n = 1.0, 0.5, 0.01, 100, 2.0, 4000
+    problem = pydso.Problem(
+        pydso.SDESystem(lambda t, x, a: -a * x, lambda t, x, a: s, dt=dt),
+        lambda x, a: jnp.sum(x**2),
+        pydso.FiniteHorizon(horizon),
+        pydso.Fixed(jnp.array([x0])),
+    )
+    xt = np.asarray(pydso.rollout(problem, a, KEY, n).states[:, -1, 0])
+    T = dt * horizon
+    mean, var = x0 * np.exp(-a * T), s**2 * (1 - np.exp(-2 * a * T)) / (2 * a)
+    assert abs(xt.mean() - mean) < 4 * np.sqrt(var / n) + 0.02
+    assert abs(xt.var() - var) < 4 * var * np.sqrt(2 / n) + 0.01
+
+
+def test_tabular_chain_visits_match_transition_matrix():
+    P = jnp.array([[0.2, 0.8], [0.6, 0.4]])
+    problem = pydso.Problem(
+        pydso.TabularChain(lambda th: th), lambda x, th: 1.0 * x, pydso.Episodic(0.9, 2), pydso.Categorical([1.0, 0.0])
+    )
+    traj = pydso.rollout(problem, P, KEY, 20000)
+    freq = float(np.mean(np.asarray(traj.states[:, 1]) == 1))
+    assert abs(freq - 0.8) < 4 * np.sqrt(0.8 * 0.2 / 20000)
+    np.testing.assert_allclose(np.asarray(traj.log_probs[:, 0]), np.log(np.where(traj.states[:, 1] == 1, 0.8, 0.2)))
+
+
+@pytest.mark.parametrize("n,chunk", [(7, 3), (5, 5), (4, 10)])
+def test_chunk_sizes_including_ragged_last_chunk(n, chunk):
+    problem = double_integrator(horizon=5).problem()
+    traj = pydso.rollout(problem, jnp.ones((1, 2)), KEY, n, chunk_size=chunk)
+    assert traj.states.shape == (n, 6, 2) and traj.step_weights.shape == (5,)
