@@ -9,10 +9,10 @@ from ._config import configure as _configure
 
 _configure()
 
-from ._errors import DivergenceError as DivergenceError  # noqa: E402
-from ._errors import ProblemError as ProblemError  # noqa: E402
 from . import estimators as estimators  # noqa: E402
 from . import systems as systems  # noqa: E402
+from ._errors import DivergenceError as DivergenceError  # noqa: E402
+from ._errors import ProblemError as ProblemError  # noqa: E402
 from .engine import Trajectories as Trajectories  # noqa: E402
 from .engine import rollout as rollout  # noqa: E402
 from .estimators import Estimate as Estimate  # noqa: E402

@@ -9,7 +9,6 @@ Randomness: ``key`` is split into one key per episode *before* chunking, so the 
 trajectories whatever ``chunk_size`` is.
 """
 
-
 from typing import Any
 
 import diffrax
@@ -21,7 +20,7 @@ import numpy as np
 
 from ._errors import DivergenceError, ProblemError
 from ._progress import progress_bar
-from .systems import AbstractChain, ODESystem, Problem, SDESystem, check_finite_tree
+from .systems import AbstractChain, ODESystem, Problem, SDESystem
 
 PyTree = Any
 
@@ -120,9 +119,7 @@ def _chain_episode(problem: Problem, theta, key):
         alive_new = alive & ~is_terminal(x_new)
         return (x_new, alive_new), (x_new, cost, lp, alive_new)
 
-    (_, _), (xs, costs, lps, alives) = jax.lax.scan(
-        step, (x0, alive0), jax.random.split(key_steps, horizon)
-    )
+    (_, _), (xs, costs, lps, alives) = jax.lax.scan(step, (x0, alive0), jax.random.split(key_steps, horizon))
     states = jnp.concatenate([x0[None], xs], axis=0)
     alive = jnp.concatenate([alive0[None], alives], axis=0)
     return states, costs, lps, alive

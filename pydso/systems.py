@@ -15,7 +15,6 @@ A DSO problem (DESIGN.md §1) is a closed-loop system with parameters ``theta`` 
 Time-varying systems carry time in the state (append ``t`` as a component); this keeps one mechanism for all.
 """
 
-
 import abc
 from collections.abc import Callable
 from typing import Any, ClassVar
