@@ -24,7 +24,15 @@ from .systems import AbstractChain, ODESystem, Problem, SDESystem
 
 PyTree = Any
 
-__all__ = ["Trajectories", "rollout", "episode_keys", "simulate_episode", "check_key"]
+__all__ = [
+    "Trajectories",
+    "rollout",
+    "episode_keys",
+    "shard_episodes",
+    "simulate_episode",
+    "check_key",
+    "checkpointed_scan",
+]
 
 
 class Trajectories(eqx.Module):
@@ -93,8 +101,18 @@ def episode_keys(key: jax.Array, n: int) -> jax.Array:
     return jax.random.split(key, n)
 
 
+def shard_episodes(keys: jax.Array) -> jax.Array:
+    """Spread per-episode keys over all local devices (``jax.sharding``), so the compiled, vmapped rollout
+    runs data-parallel on every GPU; a no-op on one device or when ``n`` is not a multiple of the device count."""
+    devices = jax.devices()
+    if len(devices) < 2 or keys.shape[0] % len(devices):
+        return keys
+    mesh = jax.sharding.Mesh(np.array(devices), ("episode",))
+    return jax.device_put(keys, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("episode")))
+
+
 # -------------------------------------------------------------------------------- one episode, any system
-def _chain_episode(problem: Problem, theta, key):
+def _chain_episode(problem: Problem, theta, key, checkpoints=None):
     system: AbstractChain = problem.system
     horizon = problem.setting.horizon
     terminal = problem.setting.terminal_set()
@@ -119,10 +137,35 @@ def _chain_episode(problem: Problem, theta, key):
         alive_new = alive & ~is_terminal(x_new)
         return (x_new, alive_new), (x_new, cost, lp, alive_new)
 
-    (_, _), (xs, costs, lps, alives) = jax.lax.scan(step, (x0, alive0), jax.random.split(key_steps, horizon))
+    _, (xs, costs, lps, alives) = checkpointed_scan(
+        step, (x0, alive0), jax.random.split(key_steps, horizon), checkpoints
+    )
     states = jnp.concatenate([x0[None], xs], axis=0)
     alive = jnp.concatenate([alive0[None], alives], axis=0)
     return states, costs, lps, alive
+
+
+def checkpointed_scan(step, carry, xs, checkpoints: int | None = None):
+    """``lax.scan(step, carry, xs)``, optionally split into ``checkpoints`` segments whose internals are
+    rematerialised in the backward pass (``jax.checkpoint``): reverse-mode memory falls from O(H) to
+    O(checkpoints + H / checkpoints) at the price of one extra forward pass. Results are identical."""
+    length = jax.tree.leaves(xs)[0].shape[0]
+    if not checkpoints or checkpoints <= 1 or checkpoints >= length:
+        return jax.lax.scan(step, carry, xs)
+    seg = length // checkpoints
+    main = seg * checkpoints
+
+    @jax.checkpoint
+    def segment(c, xs_seg):
+        return jax.lax.scan(step, c, xs_seg)
+
+    head = jax.tree.map(lambda a: a[:main].reshape(checkpoints, seg, *a.shape[1:]), xs)
+    carry, ys = jax.lax.scan(segment, carry, head)
+    ys = jax.tree.map(lambda a: a.reshape(main, *a.shape[2:]), ys)
+    if main < length:
+        carry, ys_tail = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[main:], xs))
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
+    return carry, ys
 
 
 def _ode_episode(problem: Problem, theta, key):
@@ -193,17 +236,19 @@ def _sde_episode(problem: Problem, theta, key):
     return states, costs, lps, jnp.ones((horizon + 1,), bool)
 
 
-def simulate_episode(problem: Problem, theta: PyTree, key: jax.Array):
+def simulate_episode(problem: Problem, theta: PyTree, key: jax.Array, checkpoints: int | None = None):
     """Simulate one episode; returns ``(states, costs, log_probs, alive, terminal_cost, terminal_weight)``.
 
-    Pure and differentiable (pathwise through reparameterised sampling and diffrax adjoints).
+    Pure and differentiable (pathwise through reparameterised sampling and diffrax adjoints). ``checkpoints``
+    rematerialises discrete-time rollouts in that many segments (see :func:`checkpointed_scan`); for ODE/SDE
+    systems choose the adjoint on the system instead (``diffrax.RecursiveCheckpointAdjoint(checkpoints=...)``).
     """
     if isinstance(problem.system, ODESystem):
         states, costs, lps, alive = _ode_episode(problem, theta, key)
     elif isinstance(problem.system, SDESystem):
         states, costs, lps, alive = _sde_episode(problem, theta, key)
     else:
-        states, costs, lps, alive = _chain_episode(problem, theta, key)
+        states, costs, lps, alive = _chain_episode(problem, theta, key, checkpoints)
     w, w_end = problem.setting.weights()
     w_full = jnp.asarray(np.append(w, w_end), costs.dtype)
     # The terminal cost is paid once, at the first absorbed state, or at x_H for episodes that never end.
@@ -257,7 +302,7 @@ def rollout(
     chunk = min(chunk, n)
     n_chunks = -(-n // chunk)
     if n_chunks == 1:
-        traj = _rollout_chunk(problem, theta, keys)
+        traj = _rollout_chunk(problem, theta, shard_episodes(keys))
     else:
         pieces = []
         for i in progress_bar(range(n_chunks), total=n_chunks, desc="rollout", enable=progress):
@@ -265,7 +310,7 @@ def rollout(
             pad = chunk - k.shape[0]
             if pad:
                 k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (pad,))])
-            piece = _rollout_chunk(problem, theta, k)
+            piece = _rollout_chunk(problem, theta, shard_episodes(k))
             if pad:
                 piece = _take(piece, slice(0, chunk - pad))
             pieces.append(jax.device_get(piece))

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from ._errors import ProblemError
-from .engine import Trajectories, _check_n, _rollout_chunk, check_key, episode_keys, simulate_episode
+from .engine import Trajectories, _check_n, _rollout_chunk, check_key, episode_keys, shard_episodes, simulate_episode
 from .systems import Problem, SDESystem
 
 PyTree = Any
@@ -161,7 +161,7 @@ class AbstractEstimator(eqx.Module):
         n = _check_n(n)
         self.check(problem)
         problem.check_theta(theta)
-        return _jit_estimate(self, problem, theta, episode_keys(key, n))
+        return _jit_estimate(self, problem, theta, shard_episodes(episode_keys(key, n)))
 
 
 @eqx.filter_jit
@@ -232,7 +232,12 @@ class Pathwise(AbstractEstimator):
     :class:`~pydso.ODESystem`, :class:`~pydso.SDESystem`, or a :class:`~pydso.MarkovChain` declared
     ``reparameterized=True``). Terminal sets make the objective discontinuous in :math:`\theta`: the pathwise
     gradient then ignores the change of the exit time (use :class:`Score`).
+
+    ``checkpoints=k`` rematerialises discrete-time rollouts in ``k`` segments so reverse-mode memory grows like
+    ``k + H/k`` instead of ``H`` (long horizons); the gradient is unchanged.
     """
+
+    checkpoints: int | None = eqx.field(static=True, default=None)
 
     def check(self, problem):
         if not problem.system.reparameterized:
@@ -243,7 +248,7 @@ class Pathwise(AbstractEstimator):
 
     def _estimate(self, problem, theta, keys):
         def objective(theta, key):
-            states, costs, _, alive, tc, tw = simulate_episode(problem, theta, key)
+            states, costs, _, alive, tc, tw = simulate_episode(problem, theta, key, self.checkpoints)
             w, _ = problem.setting.weights()
             return costs @ jnp.asarray(w, costs.dtype) + tw * tc
 
