@@ -1,0 +1,465 @@
+"""Zarr trajectory stores: :func:`save`, :func:`append`, :func:`open`, :func:`iter_chunks`.
+
+A store is a directory::
+
+    STORE/
+      pydso.json            manifest: the commit point (replaced atomically)
+      part-000000-<id>.zarr  one zarr store per save/append, chunked by episode
+      part-000001-<id>.zarr
+      .lock                 advisory lock held by the writer (fcntl.flock)
+
+Crash safety: a part is written in full under a temporary name (``.tmp-<id>.zarr``), its files are fsync'ed,
+it is renamed to its final name, and only then is the manifest replaced (write ``pydso.json.tmp-<id>``, fsync,
+``os.replace``, fsync the directory). Existing parts are never modified. A writer killed at any moment
+therefore leaves either the old manifest (the old episodes) or the new one (old + all new episodes); its
+leftover temporary or unreferenced directories are ignored by :func:`open` and removed by the next
+:func:`append`. One writer at a time per store (enforced with ``fcntl.flock`` where available); any number of
+readers.
+"""
+
+import builtins
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from ._schema import SCHEMA_VERSION, DatasetError, validate
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["save", "append", "open", "iter_chunks", "MANIFEST", "STORE_FORMAT"]
+
+MANIFEST = "pydso.json"
+STORE_FORMAT = "pydso-trajectory-store"
+_STORE_VERSION = 1
+_CHUNK_BYTES = 4 * 2**20
+_PART_RE = re.compile(r"^part-\d{6}-[0-9a-f]{8}\.zarr$")
+_ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
+
+PathLike = str | os.PathLike
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:  # pragma: no cover - e.g. directories on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath), directory=True)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with builtins.open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent, directory=True)
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with builtins.open(root / ".lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _episodes_per_chunk(ds: xr.Dataset, episodes_per_chunk: int | None) -> int:
+    n = ds.sizes["episode"]
+    if episodes_per_chunk is not None:
+        if isinstance(episodes_per_chunk, bool) or not isinstance(episodes_per_chunk, int) or episodes_per_chunk < 1:
+            raise DatasetError(f"episodes_per_chunk must be a positive integer, got {episodes_per_chunk!r}")
+        return min(episodes_per_chunk, n)
+    per_episode = sum(v.dtype.itemsize * math.prod(v.shape[1:]) for v in ds.data_vars.values())
+    return int(min(n, max(1, _CHUNK_BYTES // max(per_episode, 1))))
+
+
+def _write_part(ds: xr.Dataset, directory: Path, episodes_per_chunk: int | None) -> tuple[str, int]:
+    """Write ``ds`` as a complete part into ``directory`` (atomically named); return (name, n_episodes)."""
+    k = _episodes_per_chunk(ds, episodes_per_chunk)
+    ds = ds.copy(deep=False)
+    encoding = {}
+    for name, var in ds.variables.items():
+        var.encoding = {}
+        if "episode" in var.dims:
+            encoding[name] = {"chunks": tuple(k if d == "episode" else s for d, s in zip(var.dims, var.shape))}
+    if any(var.chunks is not None for var in ds.variables.values()):
+        ds = ds.chunk({"episode": k})
+    n_parts = sum(1 for p in directory.iterdir() if _PART_RE.match(p.name))
+    tag = uuid.uuid4().hex[:8]
+    name = f"part-{n_parts:06d}-{tag}.zarr"
+    tmp = directory / f".tmp-{tag}.zarr"
+    ds.to_zarr(tmp, mode="w-", consolidated=False, encoding=encoding)
+    _fsync_tree(tmp)
+    os.rename(tmp, directory / name)
+    _fsync_path(directory, directory=True)
+    return name, int(ds.sizes["episode"])
+
+
+def _part_entry(name: str, n: int, ds: xr.Dataset) -> dict[str, Any]:
+    return {"name": name, "n_episodes": n, "parameters": ds.attrs.get("parameters", "null")}
+
+
+def _zarr_like(path: Path) -> bool:
+    return any((path / m).exists() for m in _ZARR_MARKERS)
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    if not root.exists():
+        raise DatasetError(f"no trajectory store at {str(root)!r}: the path does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"{str(root)!r} is a file, not a pydso trajectory store (a directory)")
+    path = root / MANIFEST
+    if not path.exists():
+        if _zarr_like(root):
+            raise DatasetError(
+                f"{str(root)!r} is a zarr store not written by pydso (no {MANIFEST} manifest and no "
+                "'pydso_schema_version' attribute); open it with xarray.open_zarr, make it follow the schema "
+                "(pydso.data.make_dataset) and pydso.data.save it"
+            )
+        raise DatasetError(f"{str(root)!r} is not a zarr store (no {MANIFEST} manifest, no zarr metadata)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"corrupt store {str(root)!r}: manifest {MANIFEST} is not valid JSON ({e})") from None
+    ok = (
+        isinstance(manifest, dict)
+        and manifest.get("format") == STORE_FORMAT
+        and isinstance(manifest.get("parts"), list)
+        and manifest["parts"]
+        and all(
+            isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("n_episodes"), int)
+            for p in manifest["parts"]
+        )
+    )
+    if not ok:
+        raise DatasetError(f"corrupt store {str(root)!r}: manifest {MANIFEST} does not describe a pydso store")
+    if manifest.get("store_version") != _STORE_VERSION:
+        raise DatasetError(
+            f"store {str(root)!r} has store_version {manifest.get('store_version')!r}; this pydso reads "
+            f"version {_STORE_VERSION}"
+        )
+    return manifest
+
+
+def _open_zarr(path: Path, chunks: Any, what: str) -> xr.Dataset:
+    try:
+        return xr.open_zarr(path, consolidated=False, chunks=chunks)
+    except Exception as e:  # noqa: BLE001 - any zarr/xarray failure means an unreadable store
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DatasetError(f"corrupt store: {what} could not be opened ({type(e).__name__}: {msg:.200})") from None
+
+
+def _dask_chunks(chunks: Any) -> Any:
+    if chunks is None or (isinstance(chunks, str) and chunks == "auto"):
+        return {}
+    if isinstance(chunks, int) and not isinstance(chunks, bool):
+        if chunks < 1:
+            raise DatasetError(f"chunks must be a positive number of episodes, got {chunks!r}")
+        return {}  # rechunked after the parts are joined
+    if isinstance(chunks, Mapping):
+        return dict(chunks)
+    raise DatasetError(f'chunks must be "auto", an integer, a mapping or None, got {chunks!r}')
+
+
+# ------------------------------------------------------------------------------------------- public API
+def open(path: PathLike, *, chunks: int | Mapping[str, int] | str | None = "auto") -> xr.Dataset:  # noqa: A001
+    """Open a trajectory store lazily.
+
+    **Arguments:**
+
+    - `path`: the store directory (written by :func:`save` / :func:`append`). A plain zarr store (e.g. written
+        by ``xarray.Dataset.to_zarr``) is accepted read-only if it carries the ``pydso_schema_version`` attribute.
+    - `chunks`: ``"auto"`` (default): one dask chunk per stored chunk of episodes; an integer: that many episodes
+        per dask chunk; a mapping: passed to xarray; ``None``: load into memory (numpy).
+
+    **Returns:**
+
+    A dask-backed ``xarray.Dataset`` holding the committed episodes. Its structure is validated (dims, dtypes,
+    time, attributes), not its values (that would read the data): call :func:`validate` for that.
+
+    **Raises:**
+
+    :class:`DatasetError` if the path does not exist, is not a pydso store, or is corrupt.
+    """
+    root = Path(path)
+    xchunks = _dask_chunks(chunks)
+    if root.is_dir() and not (root / MANIFEST).exists() and _zarr_like(root):
+        plain = _open_zarr(root, xchunks, f"zarr store {str(root)!r}")
+        if "pydso_schema_version" not in plain.attrs:
+            _read_manifest(root)  # raises the "foreign zarr store" error
+        parts = [plain]
+        manifest = None
+    else:
+        manifest = _read_manifest(root)
+        parts = _open_parts(root, manifest, xchunks)
+    if len(parts) == 1:
+        ds = parts[0]
+    else:
+        ds = xr.concat(
+            parts,
+            dim="episode",
+            data_vars="all",
+            coords="minimal",
+            compat="override",
+            join="override",
+            combine_attrs="override",
+        )
+        params = [p.get("parameters", "null") for p in manifest["parts"]]
+        if len(set(params)) > 1:
+            bounds = np.cumsum([0] + [p["n_episodes"] for p in manifest["parts"]])
+            ds.attrs["parameters_by_part"] = json.dumps(
+                [
+                    {"episodes": [int(a), int(b)], "parameters": json.loads(p)}
+                    for a, b, p in zip(bounds[:-1], bounds[1:], params, strict=True)
+                ]
+            )
+    ds = validate(ds, check_values=False)
+    if chunks is None:
+        return ds.load()
+    if isinstance(chunks, int) and not isinstance(chunks, bool):
+        ds = ds.chunk({"episode": chunks})
+    return ds
+
+
+def _open_parts(root: Path, manifest: dict[str, Any], xchunks: Any) -> list[xr.Dataset]:
+    parts = []
+    for entry in manifest["parts"]:
+        part_path = root / entry["name"]
+        if not part_path.is_dir():
+            raise DatasetError(f"corrupt store {str(root)!r}: part {entry['name']!r} listed in {MANIFEST} is missing")
+        part = _open_zarr(part_path, xchunks, f"part {entry['name']!r} of {str(root)!r}")
+        try:
+            validate(part, check_values=False)
+        except DatasetError as e:
+            raise DatasetError(f"corrupt store {str(root)!r}: part {entry['name']!r}: {e}") from None
+        if part.sizes["episode"] != entry["n_episodes"]:
+            raise DatasetError(
+                f"corrupt store {str(root)!r}: part {entry['name']!r} holds {part.sizes['episode']} episodes, "
+                f"the manifest says {entry['n_episodes']}"
+            )
+        parts.append(part)
+    return parts
+
+
+def save(ds: xr.Dataset, path: PathLike, *, overwrite: bool = False, episodes_per_chunk: int | None = None) -> Path:
+    """Validate ``ds`` and write it as a new trajectory store at ``path``, atomically.
+
+    **Arguments:**
+
+    - `ds`: a dataset following the schema (numpy- or dask-backed).
+    - `path`: the store directory to create.
+    - `overwrite`: replace an existing pydso store at ``path`` (anything else there is never deleted).
+    - `episodes_per_chunk`: episodes per zarr chunk; default: chunks of about 4 MiB.
+
+    **Returns:**
+
+    The store path.
+
+    The store is written to a temporary directory next to ``path`` and renamed into place, so ``path`` never
+    holds a half-written store. With ``overwrite=True`` the old store is moved aside, the new one renamed in,
+    and the old one deleted.
+
+    **Raises:**
+
+    :class:`DatasetError` if ``ds`` is invalid or ``path`` exists (and ``overwrite`` is False, or it is not a
+    pydso store).
+    """
+    validate(ds)
+    root = Path(path)
+    if root.exists():
+        if not overwrite:
+            raise DatasetError(f"a store already exists at {str(root)!r}; pass overwrite=True to replace it")
+        if not (root.is_dir() and ((root / MANIFEST).exists() or not any(root.iterdir()))):
+            raise DatasetError(
+                f"refusing to overwrite {str(root)!r}: it is not a pydso trajectory store (no {MANIFEST})"
+            )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = root.parent / f".{root.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        name, n = _write_part(ds, tmp, episodes_per_chunk)
+        manifest = {
+            "format": STORE_FORMAT,
+            "store_version": _STORE_VERSION,
+            "pydso_schema_version": SCHEMA_VERSION,
+            "n_episodes": n,
+            "parts": [_part_entry(name, n, ds)],
+        }
+        _write_json_atomic(tmp / MANIFEST, manifest)
+        if root.exists():
+            old = root.parent / f".{root.name}.old-{tag}"
+            os.rename(root, old)
+            os.rename(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, root)
+        _fsync_path(root.parent, directory=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _check_compatible(old: xr.Dataset, new: xr.Dataset, root: Path) -> None:
+    where = f"cannot append to {str(root)!r}:"
+    v_old, v_new = old.attrs.get("pydso_schema_version"), new.attrs.get("pydso_schema_version")
+    if v_old != v_new:
+        raise DatasetError(f"{where} the new data has pydso_schema_version {v_new!r}, the store {v_old!r}")
+    for attr in ("system", "dt", "units"):
+        a, b = old.attrs.get(attr), new.attrs.get(attr)
+        if a != b:
+            raise DatasetError(f"{where} attribute {attr!r} differs: store has {a!r}, new data has {b!r}")
+    names_old, names_new = set(old.data_vars), set(new.data_vars)
+    if names_old != names_new:
+        raise DatasetError(
+            f"{where} the variables differ: missing {sorted(names_old - names_new)}, "
+            f"extra {sorted(names_new - names_old)}"
+        )
+    for name in sorted(names_old):
+        a, b = old[name], new[name]
+        if a.dims != b.dims:
+            raise DatasetError(f"{where} variable {name!r} has dims {b.dims}, the store {a.dims}")
+        for dim, sa, sb in zip(a.dims, a.shape, b.shape):
+            if dim != "episode" and sa != sb:
+                raise DatasetError(f"{where} variable {name!r}: dimension {dim!r} has size {sb}, the store {sa}")
+        if a.dtype != b.dtype:
+            raise DatasetError(f"{where} variable {name!r} has dtype {b.dtype}, the store {a.dtype}")
+    coords_old = {k for k, c in old.coords.items() if "episode" not in c.dims}
+    coords_new = {k for k, c in new.coords.items() if "episode" not in c.dims}
+    if coords_old != coords_new:
+        raise DatasetError(f"{where} the coordinates differ: store {sorted(coords_old)}, new {sorted(coords_new)}")
+    for name in sorted(coords_old):
+        if not old.coords[name].variable.equals(new.coords[name].variable):
+            raise DatasetError(f"{where} coordinate {name!r} differs from the store's")
+    episode_coord_old, episode_coord_new = "episode" in old.coords, "episode" in new.coords
+    if episode_coord_old != episode_coord_new:
+        raise DatasetError(f"{where} only one of the store and the new data has an 'episode' coordinate")
+
+
+def _collect_garbage(root: Path, manifest: dict[str, Any]) -> None:
+    keep = {p["name"] for p in manifest["parts"]}
+    for entry in root.iterdir():
+        stale = (
+            entry.name.startswith(".tmp-")
+            or entry.name.startswith(f"{MANIFEST}.tmp-")
+            or (_PART_RE.match(entry.name) and entry.name not in keep)
+        )
+        if stale:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def append(path: PathLike, ds: xr.Dataset, *, episodes_per_chunk: int | None = None) -> int:
+    """Append the episodes of ``ds`` to the store at ``path`` (created if it does not exist), crash-safely.
+
+    **Arguments:**
+
+    - `path`: the store directory.
+    - `ds`: episodes to add; same schema version, ``system``, ``dt``, ``units``, variables, dims, feature sizes,
+        dtypes and ``time`` coordinate as the store. The ``parameters`` may differ (e.g. data from several
+        behaviour chains): :func:`open` then lists them per episode range in ``parameters_by_part``.
+    - `episodes_per_chunk`: episodes per zarr chunk of the new part; default: chunks of about 4 MiB.
+
+    **Returns:**
+
+    The number of episodes in the store after the append.
+
+    A process killed at any point (even with SIGKILL) leaves the store holding exactly the old episodes or the
+    old and all the new ones; see the module docstring.
+
+    **Raises:**
+
+    :class:`DatasetError` if the store is unreadable or ``ds`` is invalid or incompatible with it.
+    """
+    root = Path(path)
+    if not root.exists():
+        save(ds, root, episodes_per_chunk=episodes_per_chunk)
+        return int(ds.sizes["episode"])
+    if root.is_dir() and not (root / MANIFEST).exists() and _zarr_like(root):
+        open(root)  # raises for a foreign store
+        raise DatasetError(
+            f"cannot append to {str(root)!r}: a plain zarr store, not a pydso store; "
+            "pydso.data.save(pydso.data.open(path), new_path) converts it"
+        )
+    with _locked(root):
+        old = open(root)
+        manifest = _read_manifest(root)
+        _check_compatible(old, ds, root)
+        validate(ds)
+        _collect_garbage(root, manifest)
+        name, n = _write_part(ds, root, episodes_per_chunk)
+        manifest = dict(manifest)
+        manifest["parts"] = [*manifest["parts"], _part_entry(name, n, ds)]
+        manifest["n_episodes"] = int(sum(p["n_episodes"] for p in manifest["parts"]))
+        _write_json_atomic(root / MANIFEST, manifest)
+    return manifest["n_episodes"]
+
+
+def iter_chunks(ds: xr.Dataset, episodes_per_chunk: int | None = None) -> Iterator[xr.Dataset]:
+    """Yield ``ds`` as in-memory (numpy-backed) datasets of consecutive episodes, one chunk at a time.
+
+    **Arguments:**
+
+    - `ds`: a dataset, typically lazily opened with :func:`open`.
+    - `episodes_per_chunk`: episodes per yielded dataset; default: the dask chunks of ``ds`` along ``episode``
+        (one stored chunk at a time), or all episodes if ``ds`` is in memory.
+
+    **Yields:**
+
+    ``xarray.Dataset`` objects with at most ``episodes_per_chunk`` episodes each, in order; only one is
+    read into memory at a time.
+    """
+    n = ds.sizes["episode"]
+    if episodes_per_chunk is None:
+        sizes = None
+        for var in ds.data_vars.values():
+            if var.chunks is not None:
+                sizes = var.chunksizes["episode"]
+                break
+        bounds = np.cumsum([0, *sizes]) if sizes else np.array([0, n])
+    else:
+        if isinstance(episodes_per_chunk, bool) or not isinstance(episodes_per_chunk, int) or episodes_per_chunk < 1:
+            raise DatasetError(f"episodes_per_chunk must be a positive integer, got {episodes_per_chunk!r}")
+        bounds = np.append(np.arange(0, n, episodes_per_chunk), n)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        sub = ds.isel(episode=slice(int(start), int(stop)))
+        try:
+            chunk = sub.compute()
+        except Exception as e:  # noqa: BLE001 - a failed read of stored chunks: report which episodes
+            raise DatasetError(f"could not read episodes {start}..{stop - 1}: {type(e).__name__}: {e}") from None
+        yield chunk
