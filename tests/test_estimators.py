@@ -7,6 +7,7 @@ import pytest
 from closed_form import double_integrator
 
 import pydso
+import pydso.exact
 
 
 def within_standard_errors(estimate, exact, k=4.0):
@@ -114,3 +115,64 @@ def test_estimates_are_reproducible_for_the_same_key():
     a = pydso.score_gradient(LQR.problem(), K_TEST, jax.random.key(5), 64)
     b = pydso.score_gradient(LQR.problem(), K_TEST, jax.random.key(5), 64)
     np.testing.assert_array_equal(np.asarray(a.gradient), np.asarray(b.gradient))
+
+
+# ------------------------------------------------------------------ tabular chains against pydso.exact
+def _with_setting(problem, setting):
+    return pydso.Problem(problem.system, problem.cost, setting, problem.initial, name=problem.name)
+
+
+def _flat_check(estimate, exact_grad, k=4.0):
+    est = jax.flatten_util.ravel_pytree(estimate.gradient)[0]
+    se = jax.flatten_util.ravel_pytree(estimate.stderr)[0]
+    ref = jax.flatten_util.ravel_pytree(exact_grad)[0]
+    err = np.abs(np.asarray(est - ref))
+    assert np.all(err <= k * np.asarray(se)), f"max |err|/se = {np.max(err / np.asarray(se)):.2f}"
+
+
+@pytest.mark.parametrize("seed,S,gamma", [(0, 3, 0.9), (1, 5, 0.9), (2, 4, 0.95)])
+def test_score_gradient_on_random_tabular_chains_matches_exact(seed, S, gamma):
+    import jax.flatten_util  # noqa: F401
+    from helpers import random_tabular_problem
+
+    problem, theta = random_tabular_problem(seed, S, gamma=gamma)
+    horizon = int(np.ceil(np.log(1e-9) / np.log(gamma)))  # truncation bias below 1e-9 relative
+    problem = _with_setting(problem, pydso.Episodic(gamma, horizon))
+    exact = pydso.exact.gradient(problem, theta)
+    est = pydso.score_gradient(problem, theta, jax.random.key(seed), 2000)
+    _flat_check(est, exact)
+    # The objective estimate is the exact J within its standard error too.
+    assert abs(float(est.objective) - float(pydso.exact.objective(problem, theta))) < 4 * float(est.objective_stderr)
+
+
+def test_tabular_value_baseline_with_one_hot_features_cuts_variance():
+    import jax.flatten_util  # noqa: F401
+    from helpers import random_tabular_problem
+
+    S = 6
+    base, theta = random_tabular_problem(5, S, gamma=0.9)
+    # A large state-dependent offset makes returns far from zero: the regime where baselines matter.
+    offset = jnp.linspace(5.0, 15.0, S)
+    problem = pydso.Problem(
+        base.system, lambda x, th: base.cost(x, th) + offset[x], pydso.Episodic(0.9, 200), base.initial
+    )
+    exact = pydso.exact.gradient(problem, theta)
+    key = jax.random.key(9)
+    plain = pydso.score_gradient(problem, theta, key, 1000, baseline=pydso.NoBaseline())
+    fitted = pydso.score_gradient(
+        problem, theta, key, 1000, baseline=pydso.StateValueBaseline(features=lambda x, t: jax.nn.one_hot(x, S))
+    )
+    _flat_check(fitted, exact)
+    norm = lambda e: float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(e.stderr)[0]))
+    assert norm(fitted) < 0.5 * norm(plain)
+
+
+def test_score_gradient_average_cost_matches_exact():
+    import jax.flatten_util  # noqa: F401
+    from helpers import random_tabular_problem
+
+    problem, theta = random_tabular_problem(3, 4, average=True)
+    problem = _with_setting(problem, pydso.AverageCost(horizon=400, burn_in=40))
+    exact = pydso.exact.gradient(problem, theta)
+    est = pydso.score_gradient(problem, theta, jax.random.key(0), 2000)
+    _flat_check(est, exact)
