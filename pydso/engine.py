@@ -19,6 +19,7 @@ import lineax
 import numpy as np
 
 from ._errors import DivergenceError, ProblemError
+from ._fastpath import fixed_step_ensemble
 from ._progress import progress_bar
 from .systems import AbstractChain, ODESystem, Problem, SDESystem
 
@@ -172,6 +173,17 @@ def _ode_episode(problem: Problem, theta, key):
     system: ODESystem = problem.system
     horizon = problem.setting.horizon
     x0 = problem.initial.sample(key)
+    if system.uses_fastpath:
+        states, costs = fixed_step_ensemble(
+            system.vector_field,
+            x0[None],
+            theta,
+            dt=system.dt,
+            n_steps=horizon,
+            solver=system.solver,
+            cost=problem.cost,
+        )
+        return states[0], costs[0], jnp.zeros((horizon,)), jnp.ones((horizon + 1,), bool)
     t1 = horizon * system.dt
     ts = jnp.linspace(0.0, t1, horizon + 1)
 

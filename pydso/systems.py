@@ -172,6 +172,12 @@ class ODESystem(AbstractSystem):
     ``adjoint`` picks the gradient method: ``diffrax.RecursiveCheckpointAdjoint()`` (default, discretise-then-
     optimise, exact gradients of the discrete solve) or ``diffrax.BacksolveAdjoint()`` (continuous adjoint,
     O(1) memory, but documented by diffrax as less stable: do not use it for chaotic or stiff systems).
+
+    ``integrator`` chooses the simulation path: ``"auto"`` (default) uses pydso's fixed-step struct-of-arrays
+    fast path (:mod:`pydso._fastpath`, one fused scan over the ensemble) whenever it computes the same discrete
+    solution as diffrax — constant step, explicit Runge–Kutta tableau, discretise-then-optimise adjoint — and
+    :func:`diffrax.diffeqsolve` otherwise; ``"fastpath"`` or ``"diffrax"`` force one (``"fastpath"`` raises
+    :class:`~pydso.ProblemError` where it does not apply).
     """
 
     vector_field: Callable = eqx.field(static=True)
@@ -182,6 +188,7 @@ class ODESystem(AbstractSystem):
     )
     adjoint: diffrax.AbstractAdjoint = eqx.field(static=True, default_factory=_default_adjoint)
     max_steps: int = eqx.field(static=True, default=100_000)
+    integrator: str = eqx.field(static=True, default="auto")
     stochastic: ClassVar[bool] = False
     reparameterized: ClassVar[bool] = True
     has_log_prob: ClassVar[bool] = False
@@ -189,6 +196,25 @@ class ODESystem(AbstractSystem):
     def __check_init__(self):
         if not (isinstance(self.dt, int | float) and np.isfinite(self.dt) and self.dt > 0):
             raise ProblemError(f"ODESystem.dt must be a positive finite number, got {self.dt!r}")
+        if self.integrator not in ("auto", "fastpath", "diffrax"):
+            raise ProblemError(f"ODESystem.integrator must be 'auto', 'fastpath' or 'diffrax', got {self.integrator!r}")
+        if self.integrator == "fastpath":
+            from ._fastpath import supports
+
+            if not supports(self):
+                raise ProblemError(
+                    "ODESystem.integrator='fastpath' needs diffrax.ConstantStepSize, an explicit Runge-Kutta solver "
+                    "and RecursiveCheckpointAdjoint/DirectAdjoint; use 'auto' or 'diffrax' for this system"
+                )
+
+    @property
+    def uses_fastpath(self) -> bool:
+        """Whether simulations of this system run on the fixed-step fast path (see ``integrator``)."""
+        if self.integrator == "diffrax":
+            return False
+        from ._fastpath import supports
+
+        return supports(self)
 
 
 class SDESystem(AbstractSystem):

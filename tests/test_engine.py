@@ -149,3 +149,42 @@ def test_rollout_is_sharded_over_devices_and_unchanged(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
     single = pydso.rollout(double_integrator(horizon=20).problem(), jnp.ones((1, 2)), jax.random.key(0), 8)
     np.testing.assert_allclose(np.load(out), np.asarray(single.states), rtol=1e-12)
+
+
+def _lorenz(t, x, th):
+    return jnp.array([th[0] * (x[1] - x[0]), x[0] * (th[1] - x[2]) - x[1], x[0] * x[1] - th[2] * x[2]])
+
+
+def test_fast_path_is_the_default_and_matches_diffrax_rollout_and_gradient():
+    import diffrax
+
+    def problem(integrator):
+        return pydso.Problem(
+            pydso.ODESystem(_lorenz, dt=0.01, solver=diffrax.Tsit5(), integrator=integrator),
+            lambda x, th: x @ x,
+            pydso.FiniteHorizon(200),
+            pydso.Normal(jnp.ones(3), 1.0),
+            terminal_cost=lambda x, th: x[2],
+        )
+
+    fast, ref = problem("auto"), problem("diffrax")
+    assert fast.system.uses_fastpath and not ref.system.uses_fastpath
+    theta = jnp.array([10.0, 28.0, 8.0 / 3.0])
+    a, b = pydso.rollout(fast, theta, KEY, 8), pydso.rollout(ref, theta, KEY, 8)
+    scale = np.max(np.abs(np.asarray(b.states)))
+    np.testing.assert_allclose(np.asarray(a.states), np.asarray(b.states), rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(np.asarray(a.objective), np.asarray(b.objective), rtol=1e-12)
+    ga = pydso.pathwise_gradient(fast, theta, KEY, 4).gradient
+    gb = pydso.pathwise_gradient(ref, theta, KEY, 4).gradient
+    np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=1e-9)
+
+
+def test_fast_path_does_not_apply_to_adaptive_solves():
+    import diffrax
+
+    adaptive = pydso.ODESystem(_lorenz, dt=0.01, stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8))
+    assert not adaptive.uses_fastpath
+    with pytest.raises(pydso.ProblemError, match="integrator='fastpath' needs diffrax.ConstantStepSize"):
+        pydso.ODESystem(
+            _lorenz, dt=0.01, stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8), integrator="fastpath"
+        )
