@@ -1,0 +1,155 @@
+"""Off-policy estimators (pydso.offpolicy) against the exact tabular reference (pydso.exact)."""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_tabular_problem
+
+import pydso
+from pydso import exact
+from pydso import offpolicy as op
+
+S, GAMMA, H = 4, 0.7, 50  # truncation bias gamma^H ~ 2e-8
+
+
+@functools.lru_cache
+def tabular(seed):
+    problem, theta = random_tabular_problem(seed, S, gamma=GAMMA)
+    problem = pydso.Problem(problem.system, problem.cost, pydso.Episodic(GAMMA, H), problem.initial, name="tab")
+    behaviour = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(100 + seed), a.shape), theta)
+    return problem, theta, behaviour
+
+
+def z_scores(est, exact_tree):
+    z = jax.tree.map(
+        lambda g, se, e: np.abs(np.asarray(g) - np.asarray(e)) / np.asarray(se), est.gradient, est.stderr, exact_tree
+    )
+    return np.concatenate([np.ravel(v) for v in jax.tree.leaves(z)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_is_gradient_from_behaviour_data_matches_exact_gradient(seed):
+    problem, theta, behaviour = tabular(seed)
+    traj = pydso.rollout(problem, behaviour, jax.random.key(seed), 3000)
+    est = op.offpolicy_gradient(problem, theta, traj)
+    assert np.all(z_scores(est, exact.gradient(problem, theta)) < 4.0)
+    # the objective estimate too
+    assert abs(float(est.objective) - float(exact.objective(problem, theta))) < 4 * float(est.objective_stderr)
+    # the test can fail: the behaviour's own gradient is many standard errors away
+    assert np.max(z_scores(est, exact.gradient(problem, behaviour))) > 4.0
+
+
+def test_weight_variants_and_baselines():
+    problem, theta, behaviour = tabular(0)
+    traj = pydso.rollout(problem, behaviour, jax.random.key(3), 3000)
+    plain = op.offpolicy_gradient(problem, theta, traj, baseline=None)
+    huge_clip = op.offpolicy_gradient(problem, theta, traj, baseline=None, clip=1e12)
+    assert np.allclose(jax.tree.leaves(plain.gradient)[0], jax.tree.leaves(huge_clip.gradient)[0], rtol=1e-12)
+    exact_g = exact.gradient(problem, theta)
+    for kwargs in (
+        {"normalize": True},
+        {"baseline": "mean"},
+        {"baseline": lambda x, th: exact.value(problem, theta)[x]},
+    ):
+        est = op.offpolicy_gradient(problem, theta, traj, **kwargs)
+        assert np.all(z_scores(est, exact_g) < 4.5), kwargs
+    mean = op.offpolicy_gradient(problem, theta, traj, baseline="mean")
+    se = lambda e: float(sum(jnp.sum(v**2) for v in jax.tree.leaves(e.stderr)))  # noqa: E731
+    assert se(mean) < se(plain)
+    # weights: W_0 = 1; on-policy weights are exactly 1
+    batch = op.as_batch(traj, problem)
+    W = op.importance_weights(op.log_ratios(problem, behaviour, batch))
+    assert np.allclose(W, 1.0)
+    W = op.importance_weights(op.log_ratios(problem, theta, batch), clip=2.0)
+    assert np.all(W <= 2.0 + 1e-12) and np.allclose(W[:, 0], 1.0)
+
+
+def test_ess_drops_as_theta_moves_away_from_behaviour():
+    problem, _, behaviour = tabular(1)
+    traj = pydso.rollout(problem, behaviour, jax.random.key(4), 3000)
+    direction = jax.tree.map(lambda a: jax.random.normal(jax.random.key(9), a.shape), behaviour)
+    ess = []
+    for alpha in (0.0, 0.1, 0.3, 0.6, 1.0):
+        th = jax.tree.map(lambda b, d, a=alpha: b + a * d, behaviour, direction)
+        ess.append(op.ess_report(problem, th, traj, warn_below=None)["episode"])
+    assert ess[0] == pytest.approx(3000.0)
+    assert all(a > b for a, b in zip(ess, ess[1:], strict=False)), ess
+    far = jax.tree.map(lambda b, d: b + 3.0 * d, behaviour, direction)
+    with pytest.warns(UserWarning, match="effective sample size"):
+        op.ess_report(problem, far, traj, warn_below=0.5)
+    w = op.importance_weights(op.log_ratios(problem, far, op.as_batch(traj, problem)))
+    per_decision = op.effective_sample_size(w)
+    assert per_decision.shape == (H + 1,) and float(per_decision[0]) == pytest.approx(3000.0)
+    assert float(per_decision[-1]) < float(per_decision[1])
+    with pytest.warns(UserWarning):
+        op.effective_sample_size(w[:, -1], warn_below=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op.effective_sample_size(jnp.ones(10), warn_below=0.5)
+
+
+def test_streaming_dataset_matches_in_memory(tmp_path):
+    from pydso import data as pdata
+
+    problem, theta, behaviour = tabular(2)
+    traj = pydso.rollout(problem, behaviour, jax.random.key(5), 600)
+    ds = pdata.to_dataset(traj, problem, behaviour)
+    pdata.save(ds, tmp_path / "log.zarr")
+    stored = pdata.open(tmp_path / "log.zarr")
+    mem = op.offpolicy_gradient(problem, theta, traj, baseline=None)
+    streamed = op.offpolicy_gradient(problem, theta, stored, baseline=None, episodes_per_chunk=200)
+    for a, b in zip(jax.tree.leaves(mem), jax.tree.leaves(streamed), strict=True):
+        assert np.allclose(a, b, rtol=1e-10, atol=1e-12)
+    feats = lambda x: jax.nn.one_hot(x, S)  # noqa: E731
+    v_mem = op.fit_value_linear(problem, theta, traj, feats)
+    v_str = op.fit_value_linear(problem, theta, stored, feats, episodes_per_chunk=200)
+    assert np.allclose(v_mem.coef, v_str.coef, rtol=1e-9)
+    norm_mem = op.offpolicy_gradient(problem, theta, traj, normalize=True, baseline=None)
+    norm_str = op.offpolicy_gradient(problem, theta, stored, normalize=True, baseline=None, episodes_per_chunk=200)
+    assert np.allclose(jax.tree.leaves(norm_mem.gradient)[0], jax.tree.leaves(norm_str.gradient)[0], rtol=1e-9)
+    with pytest.raises(pydso.ProblemError, match="behavior_logp"):
+        op.offpolicy_gradient(problem, theta, ds.drop_vars("behavior_logp"))
+
+
+@pytest.mark.parametrize(
+    "method, lam, weighting", [("td", 0.0, "behavior"), ("td", 0.6, "target"), ("mc", 0.0, "target")]
+)
+def test_importance_weighted_value_fits_match_exact_values(method, lam, weighting):
+    problem, theta, behaviour = tabular(0)
+    traj = pydso.rollout(problem, behaviour, jax.random.key(6), 3000)
+    V = op.fit_value_linear(
+        problem, theta, traj, lambda x: jax.nn.one_hot(x, S), method=method, lam=lam, state_weighting=weighting
+    )
+    exact_v = np.asarray(exact.value(problem, theta))
+    fitted = np.asarray(jax.vmap(V)(jnp.arange(S)))
+    assert np.max(np.abs(fitted - exact_v)) < 0.03 * np.ptp(exact_v) + 0.02
+    # and far from the behaviour's values (the reweighting matters)
+    assert np.max(np.abs(np.asarray(exact.value(problem, behaviour)) - exact_v)) > 0.1
+
+
+def test_value_network_fit():
+    import equinox as eqx
+
+    problem, theta, behaviour = tabular(1)
+    traj = pydso.rollout(problem, behaviour, jax.random.key(7), 3000)
+
+    class Net(eqx.Module):
+        mlp: eqx.nn.MLP
+
+        def __call__(self, x):
+            return self.mlp(jax.nn.one_hot(x, S))
+
+    net = Net(eqx.nn.MLP(S, "scalar", 16, 1, key=jax.random.key(0)))
+    import optax
+
+    exact_v = np.asarray(exact.value(problem, theta))
+    for method in ("mc", "td"):
+        fit = op.fit_value_network(
+            net, problem, theta, traj, key=jax.random.key(1), method=method, steps=600, optimizer=optax.adam(1e-2)
+        )
+        fitted = np.asarray(jax.vmap(fit)(jnp.arange(S)))
+        assert np.max(np.abs(fitted - exact_v)) < 0.1 * np.ptp(exact_v) + 0.1, (method, fitted, exact_v)
