@@ -157,7 +157,8 @@ def _step(estimator, problem, optimizer, n, key, theta, opt_state, step):
     est = _jit_estimate(estimator, problem, theta, keys)
     updates, opt_state = optimizer.update(est.gradient, opt_state, theta)
     new_theta = optax.apply_updates(theta, updates)
-    return new_theta, opt_state, est.objective, est.objective_stderr, optax.tree.norm(est.gradient)
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_theta)]))
+    return new_theta, opt_state, est.objective, est.objective_stderr, optax.tree.norm(est.gradient), finite
 
 
 def minimize(
@@ -238,11 +239,10 @@ def minimize(
     bar = progress_bar(range(start, steps), total=steps, initial=start, desc="minimize", enable=progress)
     try:
         for k in bar:
-            new_theta, new_opt_state, obj, obj_se, gnorm = _step(
+            new_theta, new_opt_state, obj, obj_se, gnorm, finite_theta = _step(
                 estimator, problem, optimizer, n, key, theta, opt_state, jnp.asarray(k)
             )
-            obj, obj_se, gnorm = float(obj), float(obj_se), float(gnorm)
-            finite_theta = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(new_theta))
+            obj, obj_se, gnorm, finite_theta = float(obj), float(obj_se), float(gnorm), bool(finite_theta)
             if not (np.isfinite(obj) and np.isfinite(gnorm) and finite_theta):
                 save(k)
                 what = "objective" if not np.isfinite(obj) else "gradient" if not np.isfinite(gnorm) else "theta"

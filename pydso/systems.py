@@ -334,12 +334,13 @@ class AbstractInitial(eqx.Module):
 
 
 def _float_array(x, name):
-    a = jnp.asarray(x)
-    if not jnp.issubdtype(a.dtype, jnp.floating):
+    """Check in NumPy (no JAX dispatch or compilation at construction), return a JAX array."""
+    a = np.asarray(x)
+    if not np.issubdtype(a.dtype, np.floating):
         a = a.astype(float)
-    if not bool(jnp.all(jnp.isfinite(a))):
+    if not np.all(np.isfinite(a)):
         raise ProblemError(f"{name} contains non-finite values")
-    return a
+    return jnp.asarray(a)
 
 
 class Fixed(AbstractInitial):
@@ -362,9 +363,10 @@ class Normal(AbstractInitial):
 
     def __init__(self, mean, std):
         self.mean = _float_array(mean, "Normal.mean")
-        self.std = jnp.broadcast_to(_float_array(std, "Normal.std"), self.mean.shape)
-        if bool(jnp.any(self.std < 0)):
+        std = np.broadcast_to(np.asarray(_float_array(std, "Normal.std")), self.mean.shape)
+        if np.any(std < 0):
             raise ProblemError("Normal.std must be non-negative")
+        self.std = jnp.asarray(std)
 
     def sample(self, key):
         return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
@@ -381,7 +383,7 @@ class Uniform(AbstractInitial):
         self.high = _float_array(high, "Uniform.high")
         if self.low.shape != self.high.shape:
             raise ProblemError(f"Uniform.low shape {self.low.shape} != Uniform.high shape {self.high.shape}")
-        if bool(jnp.any(self.high < self.low)):
+        if np.any(np.asarray(self.high) < np.asarray(self.low)):
             raise ProblemError("Uniform.high must be >= Uniform.low componentwise")
 
     def sample(self, key):
@@ -394,10 +396,10 @@ class Categorical(AbstractInitial):
     probs: jax.Array
 
     def __init__(self, probs):
-        p = _float_array(probs, "Categorical.probs")
-        if p.ndim != 1 or bool(jnp.any(p < 0)) or not bool(jnp.abs(jnp.sum(p) - 1) < 1e-8):
+        p = np.asarray(_float_array(probs, "Categorical.probs"))
+        if p.ndim != 1 or np.any(p < 0) or not abs(np.sum(p) - 1) < 1e-8:
             raise ProblemError("Categorical.probs must be a 1-D probability vector summing to 1")
-        self.probs = p
+        self.probs = jnp.asarray(p)
 
     def sample(self, key):
         return jax.random.categorical(key, jnp.log(self.probs)).astype(jnp.int32)
