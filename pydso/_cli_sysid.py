@@ -1,0 +1,161 @@
+"""``pydso sysid``: identify a model on many stored datasets (one fit per experiment, on Dask)."""
+
+import argparse
+import sys
+
+import numpy as np
+
+_LOSS_HELP = (
+    "simulation: free-run output error (default); multiple-shooting: segments of --segment-length samples "
+    "with their own initial states and continuity residuals (more robust from poor initial guesses); "
+    "prediction: --k-step-ahead prediction error from states given by the data (a 'state' variable of the "
+    "model's size, or the model's state_from_output); nll: Gaussian negative log-likelihood with estimated "
+    "noise level"
+)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sysid",
+        help="system identification: fit a model to many stored datasets",
+        description=(
+            "Fit a system-identification model to every experiment of the given datasets (pydso zarr stores), "
+            "one Levenberg-Marquardt fit per experiment on Dask, and write estimates, standard errors, 95% "
+            "confidence intervals and fit metrics to a zarr store. Failing experiments are recorded with their "
+            "error; re-running with the same --out skips experiments already done."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="MODULE:FACTORY",
+        help="the model: 'package.module:factory' or 'path/to/file.py:factory'; the factory is called with no "
+        "arguments and returns a pydso.problems.sysid ContinuousModel or DiscreteModel (with its initial "
+        "parameter guesses and transforms)",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="PATHS_OR_GLOB",
+        help="dataset store paths, glob patterns (quote them) or comma-separated lists. One path: each "
+        "episode is an experiment; several: each dataset is an experiment (see --by)",
+    )
+    p.add_argument("--out", required=True, metavar="RESULTS.zarr", help="zarr store for the results table")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="address of a running Dask scheduler (e.g. tcp://host:8786); default: a local cluster",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="local cluster size: N threads in-process (default 1), or N worker processes with --processes",
+    )
+    p.add_argument("--processes", action="store_true", help="local cluster of worker processes instead of threads")
+    p.add_argument(
+        "--loss",
+        choices=["simulation", "multiple-shooting", "prediction", "nll"],
+        default="simulation",
+        help=_LOSS_HELP,
+    )
+    p.add_argument("--segment-length", type=int, default=50, help="samples per segment for multiple shooting")
+    p.add_argument("--k", type=int, default=1, help="prediction horizon (steps) for --loss prediction")
+    p.add_argument(
+        "--by",
+        choices=["auto", "episode", "dataset"],
+        default="auto",
+        help="what one experiment is: each episode, or each dataset (auto: episode for one path, else dataset)",
+    )
+    p.add_argument("--max-steps", type=int, default=500, help="maximum Levenberg-Marquardt iterations per fit")
+    p.add_argument("--no-resume", action="store_true", help="re-run all experiments even if --out has them")
+    p.add_argument("--retry-failed", action="store_true", help="when resuming, re-run experiments that failed")
+    p.add_argument(
+        "--progress",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="progress bar (auto: only on a terminal)",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def _loss(args):
+    from pydso.problems.sysid import MultipleShooting, Prediction
+
+    if args.loss == "multiple-shooting":
+        return MultipleShooting(segment_length=args.segment_length)
+    if args.loss == "prediction":
+        return Prediction(k=args.k)
+    return args.loss
+
+
+def summary_table(res, max_rows: int = 20) -> str:
+    """A plain-text summary of a results dataset from :func:`pydso.distributed.fit_many`."""
+    names = [str(n) for n in res["parameter"].values]
+    status = [str(s) for s in res["status"].values]
+    lines = []
+    w = max([10] + [len(str(e)) for e in res["experiment"].values[:max_rows]])
+    w = min(w, 48)
+    head = f"{'experiment':<{w}} {'status':<13}" + "".join(f" {n:>12}" for n in names) + f" {'NRMSE':>9}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for i, eid in enumerate(res["experiment"].values[:max_rows]):
+        est = res["estimate"].values[i]
+        nr = res["nrmse"].values[i]
+        nr_s = f"{np.nanmean(nr):9.4f}" if nr.size and np.isfinite(nr).any() else f"{'-':>9}"
+        lines.append(f"{str(eid)[-w:]:<{w}} {status[i]:<13}" + "".join(f" {v:12.6g}" for v in est) + f" {nr_s}")
+    if len(status) > max_rows:
+        lines.append(f"... {len(status) - max_rows} more experiment(s)")
+    ok = np.array([s == "ok" for s in status])
+    if ok.any() and names:
+        est = res["estimate"].values[ok]
+        se = res["stderr"].values[ok]
+        lines.append("")
+        lines.append(f"{'parameter':<14} {'mean':>12} {'std':>12} {'median stderr':>14}")
+        for j, n in enumerate(names):
+            lines.append(
+                f"{n:<14} {np.nanmean(est[:, j]):12.6g} {np.nanstd(est[:, j]):12.4g} {np.nanmedian(se[:, j]):14.4g}"
+            )
+    counts = {s: status.count(s) for s in sorted(set(status))}
+    lines.append("")
+    lines.append("experiments: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f" (total {len(status)})")
+    for i, s in enumerate(status):
+        if s == "failed":
+            lines.append(f"  failed {res['experiment'].values[i]}: {str(res['error'].values[i])[:200]}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from pydso.distributed import expand_paths, fit_many
+
+    paths = expand_paths(args.data)
+    progress = {"auto": None, "on": True, "off": False}[args.progress]
+    res = fit_many(
+        args.model,
+        paths[0] if len(paths) == 1 else paths,
+        loss=_loss(args),
+        scheduler=args.scheduler,
+        n_workers=args.workers,
+        processes=args.processes,
+        out=args.out,
+        resume=not args.no_resume,
+        retry_failed=args.retry_failed,
+        by=None if args.by == "auto" else args.by,
+        fit_options={"max_steps": args.max_steps},
+        progress=progress,
+    )
+    print(summary_table(res))
+    print(f"results written to {args.out}")
+    failed = int(np.sum(res["status"].values == "failed"))
+    return 1 if failed == res.sizes["experiment"] and failed > 0 else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from pydso.cli import main
+
+    sys.exit(main(["sysid", *sys.argv[1:]]))
