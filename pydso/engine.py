@@ -9,6 +9,7 @@ Randomness: ``key`` is split into one key per episode *before* chunking, so the 
 trajectories whatever ``chunk_size`` is.
 """
 
+import os
 from typing import Any
 
 import diffrax
@@ -290,7 +291,8 @@ def rollout(
     chunk_size: int | None = None,
     progress: bool | None = None,
     check: bool = True,
-) -> Trajectories:
+    record: "str | os.PathLike | None" = None,
+):
     r"""Simulate ``n`` independent episodes of ``problem`` under parameters ``theta``.
 
     Args:
@@ -302,41 +304,63 @@ def rollout(
             Chunks share one compiled shape (the last one is padded).
         progress: show a progress bar over chunks (default: only for several chunks on a TTY).
         check: raise :class:`~pydso.DivergenceError` if a state is non-finite (a diverging or failed solve).
+        record: path of a :mod:`pydso.data` zarr store. Each chunk is written as soon as it is simulated (the
+            store is created, or appended to if it exists) with the behaviour log-density of every transition,
+            and is not kept in memory, so ``n`` may exceed memory. A chunk that diverges is not written.
 
     Returns:
-        :class:`Trajectories` with leading dimension ``n``.
+        :class:`Trajectories` with leading dimension ``n``; with ``record``, the store opened lazily
+        (:func:`pydso.data.open`) instead.
     """
     key = check_key(key)
     n = _check_n(n)
     problem.check_theta(theta)
     keys = episode_keys(key, n)
-    chunk = n if chunk_size is None else _check_n(chunk_size, "chunk_size")
-    chunk = min(chunk, n)
+    chunk = min(n if chunk_size is None else _check_n(chunk_size, "chunk_size"), n)
     n_chunks = -(-n // chunk)
-    if n_chunks == 1:
-        traj = _rollout_chunk(problem, theta, shard_episodes(keys))
+    pieces = []
+    for i in progress_bar(range(n_chunks), total=n_chunks, desc="rollout", enable=progress if n_chunks > 1 else False):
+        k = keys[i * chunk : (i + 1) * chunk]
+        pad = chunk - k.shape[0]
+        if pad:
+            k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (pad,))])
+        piece = _rollout_chunk(problem, theta, shard_episodes(k))
+        if pad:
+            piece = _take(piece, slice(0, chunk - pad))
+        if check:
+            _check_finite_states(piece, offset=i * chunk, n=n)
+        if record is not None:
+            _record(piece, problem, theta, record)
+        else:
+            pieces.append(piece if n_chunks == 1 else jax.device_get(piece))
+    if record is not None:
+        from . import data
+
+        return data.open(record)
+    return pieces[0] if n_chunks == 1 else _concatenate(pieces)
+
+
+def _check_finite_states(traj: "Trajectories", offset: int, n: int) -> None:
+    m = traj.states.shape[0]
+    finite = np.isfinite(np.asarray(traj.states, dtype=float)).reshape(m, traj.states.shape[1], -1).all(-1)
+    if not finite.all():
+        ep, t = np.argwhere(~finite)[0]
+        raise DivergenceError(
+            f"rollout diverged: non-finite state in episode {ep + offset} at step {t} "
+            f"({int((~finite.all(1)).sum())} of {m} episodes of this chunk of {n} affected). Reduce dt, tighten "
+            "the solver tolerances, raise max_steps, or check theta."
+        )
+
+
+def _record(traj: "Trajectories", problem: Problem, theta, path) -> None:
+    """Write one simulated chunk to a pydso store (create it, or append to it)."""
+    from . import data
+
+    ds = data.to_dataset(jax.device_get(traj), problem, theta)
+    if os.path.exists(path):
+        data.append(path, ds)
     else:
-        pieces = []
-        for i in progress_bar(range(n_chunks), total=n_chunks, desc="rollout", enable=progress):
-            k = keys[i * chunk : (i + 1) * chunk]
-            pad = chunk - k.shape[0]
-            if pad:
-                k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (pad,))])
-            piece = _rollout_chunk(problem, theta, shard_episodes(k))
-            if pad:
-                piece = _take(piece, slice(0, chunk - pad))
-            pieces.append(jax.device_get(piece))
-        traj = _concatenate(pieces)
-    if check:
-        finite = np.isfinite(np.asarray(traj.states, dtype=float)).reshape(n, traj.states.shape[1], -1).all(-1)
-        if not finite.all():
-            ep, t = np.argwhere(~finite)[0]
-            raise DivergenceError(
-                f"rollout diverged: non-finite state in episode {ep} at step {t} "
-                f"({int((~finite.all(1)).sum())} of {n} episodes affected). Reduce dt, tighten the solver "
-                "tolerances, raise max_steps, or check theta."
-            )
-    return traj
+        data.save(ds, path)
 
 
 def _take(traj: Trajectories, index) -> Trajectories:

@@ -188,3 +188,30 @@ def test_fast_path_does_not_apply_to_adaptive_solves():
         pydso.ODESystem(
             _lorenz, dt=0.01, stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8), integrator="fastpath"
         )
+
+
+def test_rollout_streams_chunks_to_a_store(tmp_path):
+    problem = double_integrator(horizon=12).problem(name="di")
+    k = jnp.array([[1.0, 2.0]])
+    path = tmp_path / "log.zarr"
+    ds = pydso.rollout(problem, k, KEY, 10, chunk_size=4, record=path)
+    reference = pydso.rollout(problem, k, KEY, 10)
+    assert ds.sizes["episode"] == 10 and ds["state"].chunks is not None  # lazy, dask-backed
+    np.testing.assert_array_equal(ds["state"].values, np.asarray(reference.states))
+    np.testing.assert_allclose(ds["behavior_logp"].values[:, :-1], np.asarray(reference.log_probs), rtol=1e-12)
+    # Recording again appends to the same store.
+    again = pydso.rollout(problem, k, jax.random.key(5), 3, record=path)
+    assert again.sizes["episode"] == 13
+
+
+def test_diverging_chunk_is_not_recorded(tmp_path):
+    problem = pydso.Problem(
+        pydso.GaussianChain(lambda x, th: th * x**3, 0.1),
+        lambda x, th: jnp.sum(x),
+        pydso.Episodic(1.0, 30),
+        pydso.Fixed(jnp.full(1, 1.0)),
+    )
+    path = tmp_path / "log.zarr"
+    with pytest.raises(pydso.DivergenceError):
+        pydso.rollout(problem, 3.0, KEY, 4, chunk_size=2, record=path)
+    assert not path.exists()
