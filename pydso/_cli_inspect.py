@@ -1,12 +1,11 @@
 """``pydso inspect STORE``: summarise a trajectory store (episodes, time, variables, attributes, lengths)."""
 
 import argparse
-import importlib
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._cli_common import load_factory, load_theta
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -20,9 +19,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--problem",
         metavar="MODULE:FACTORY",
-        help="a callable returning the target pydso.Problem (for the effective sample size of off-chain data)",
+        help="factory returning (problem, theta_template), as for `pydso improve`: with --theta, prints the "
+        "effective sample size of the stored transitions reweighted to theta (needs behavior_logp)",
     )
-    parser.add_argument("--theta", metavar="FILE", help="target parameters (JSON, or .npz of arrays)")
+    parser.add_argument("--theta", metavar="FILE", help="target parameters: .npz of the template's leaves")
     parser.set_defaults(func=run)
     return parser
 
@@ -30,33 +30,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _short(value: Any, width: int = 100) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _load_factory(spec: str) -> Any:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--problem must be MODULE:FACTORY, got {spec!r}")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--problem {spec!r}: cannot load {attr!r} from module {module_name!r} ({e})") from None
-    return obj() if callable(obj) else obj
-
-
-def _load_theta(path: str) -> Any:
-    p = Path(path)
-    if p.suffix == ".npz":
-        with np.load(p) as f:
-            return {k: f[k] for k in f.files}
-
-    def arrays(x):
-        if isinstance(x, dict):
-            return {k: arrays(v) for k, v in x.items()}
-        if isinstance(x, list) and x and all(isinstance(v, dict) for v in x):
-            return [arrays(v) for v in x]
-        return np.asarray(x) if isinstance(x, list | int | float) else x
-
-    return arrays(json.loads(p.read_text()))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,14 +63,13 @@ def run(args: argparse.Namespace) -> int:
     if args.problem is not None or args.theta is not None:
         if args.problem is None or args.theta is None:
             raise ValueError("--problem and --theta must be given together")
-        try:
-            estimators = importlib.import_module("pydso.estimators")
-        except ModuleNotFoundError:
-            estimators = None
-        ess = getattr(estimators, "effective_sample_size", None)
-        if ess is None:
-            print("ESS: requires pydso.estimators.effective_sample_size")
-        else:
-            value = ess(_load_factory(args.problem), _load_theta(args.theta), ds)
-            print(f"ESS: {_short(value)}")
+        from .offpolicy import ess_report
+
+        problem, template = load_factory(args.problem)
+        report = ess_report(problem, load_theta(args.theta, template), ds, warn_below=None)
+        n = report["n"]
+        print(
+            f"ESS under theta: {float(report['episode']):.1f} of {n} episodes (whole-trajectory weights); "
+            f"smallest per-decision ESS {float(report['min_fraction']) * 100:.1f}% of {n}"
+        )
     return 0

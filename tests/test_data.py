@@ -604,34 +604,37 @@ def test_cli_inspect(tmp_path, capsys):
 
 
 def test_cli_inspect_ess_option_and_errors(tmp_path, capsys, monkeypatch):
-    path = tmp_path / "s"
-    data.save(batch(0, 3), path)
-    theta = tmp_path / "theta.json"
-    theta.write_text('{"a": [1.0, 2.0]}')
-    (tmp_path / "my_problem_mod.py").write_text("def factory():\n    return 'the-problem'\n")
+    import jax
+    import jax.numpy as jnp
+
+    from pydso.offpolicy import ess_report
+
+    # A real log: a Gaussian chain x' = a x + noise recorded under a = 0.5, then reweighted to a = 0.6.
+    (tmp_path / "my_problem_mod.py").write_text(
+        "import jax.numpy as jnp, pydso\n"
+        "def factory():\n"
+        "    problem = pydso.Problem(pydso.GaussianChain(lambda x, a: a * x, 0.3), lambda x, a: jnp.sum(x**2),\n"
+        "                            pydso.Episodic(0.9, 8), pydso.Normal(jnp.zeros(1), 1.0), name='ar1')\n"
+        "    return problem, jnp.asarray(0.5)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
+    import my_problem_mod
+
+    problem, _ = my_problem_mod.factory()
+    path = tmp_path / "log.zarr"
+    pydso.rollout(problem, jnp.asarray(0.5), jax.random.key(0), 64, record=path)
+    theta = tmp_path / "theta.npz"
+    np.savez(theta, np.asarray(0.6))
     argv = ["inspect", str(path), "--problem", "my_problem_mod:factory", "--theta", str(theta)]
-
-    monkeypatch.setitem(sys.modules, "pydso.estimators", types.ModuleType("pydso.estimators"))
     assert pydso.cli.main(argv) == 0
-    assert "ESS: requires pydso.estimators.effective_sample_size" in capsys.readouterr().out
-
-    calls = []
-
-    def effective_sample_size(problem, theta, ds):
-        calls.append((problem, theta, ds.sizes["episode"]))
-        return 2.5
-
-    fake = types.ModuleType("pydso.estimators")
-    fake.effective_sample_size = effective_sample_size
-    monkeypatch.setitem(sys.modules, "pydso.estimators", fake)
+    expected = ess_report(problem, jnp.asarray(0.6), data.open(path), warn_below=None)
+    assert 1.0 < expected["episode"] < 64.0
+    assert f"ESS under theta: {expected['episode']:.1f} of 64 episodes" in capsys.readouterr().out
+    np.savez(theta, np.asarray(0.5))  # the behaviour parameters: every weight is 1
     assert pydso.cli.main(argv) == 0
-    assert "ESS: 2.5" in capsys.readouterr().out
-    ((problem, theta_loaded, n),) = calls
-    assert problem == "the-problem" and n == 3
-    np.testing.assert_array_equal(theta_loaded["a"], [1.0, 2.0])
+    assert "ESS under theta: 64.0 of 64 episodes" in capsys.readouterr().out
 
     assert pydso.cli.main(["inspect", str(path), "--problem", "no_such_mod:f", "--theta", str(theta)]) == 2
-    assert "cannot load" in capsys.readouterr().err
+    assert "cannot import module 'no_such_mod'" in capsys.readouterr().err
     assert pydso.cli.main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
