@@ -48,14 +48,15 @@ def assert_tree_allclose(a, b, rtol=1e-7, atol=0.0):
         )
 
 
-def random_tabular_problem(key_or_seed, S, gamma=0.9, average=False):
+def random_tabular_problem(key_or_seed, S, gamma=0.9, average=False, horizon=None):
     """A random ``S``-state :class:`pydso.TabularChain` problem and a random parameter pytree.
 
     ``theta = {"logits": (S*S,), "cost": (S,)}``; ``P = softmax(logits.reshape(S, S), axis=1)`` (all entries
     positive, so the chain is ergodic); the step cost depends on both leaves, non-linearly:
     ``L(x) = c0[x] + sin(cost[x]) + 0.1 * sum(cost**2) / S + 0.1 * sum_x' P(x'|x) log P(x'|x)`` (a negative
     entropy term, as in entropy-regularised control). The setting is ``Episodic(gamma)`` or, with
-    ``average=True``, ``AverageCost()``; the initial distribution is a random Dirichlet draw.
+    ``average=True``, ``AverageCost()``, with ``horizon`` steps if given; the initial distribution is a random
+    Dirichlet draw.
     Returns ``(problem, theta)``.
     """
     key = jax.random.key(key_or_seed) if isinstance(key_or_seed, int | np.integer) else key_or_seed
@@ -73,7 +74,8 @@ def random_tabular_problem(key_or_seed, S, gamma=0.9, average=False):
         w = theta["cost"]
         return c0[x] + jnp.sin(w[x]) + 0.1 * jnp.sum(w**2) / S + 0.1 * neg_entropy
 
-    setting = pydso.AverageCost() if average else pydso.Episodic(gamma=gamma)
+    kwargs = {} if horizon is None else {"horizon": horizon}
+    setting = pydso.AverageCost(**kwargs) if average else pydso.Episodic(gamma=gamma, **kwargs)
     kind = "average" if average else f"gamma{gamma}"
     problem = pydso.Problem(
         pydso.TabularChain(transition_fn),

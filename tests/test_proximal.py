@@ -20,9 +20,7 @@ S, GAMMA, H = 4, 0.7, 50
 
 @functools.lru_cache
 def tabular(seed):
-    problem, theta = random_tabular_problem(seed, S, gamma=GAMMA)
-    problem = pydso.Problem(problem.system, problem.cost, pydso.Episodic(GAMMA, H), problem.initial, name="tab")
-    return problem, theta
+    return random_tabular_problem(seed, S, gamma=GAMMA, horizon=H)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
