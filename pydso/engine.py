@@ -188,7 +188,9 @@ def _ode_episode(problem: Problem, theta, key):
     t1 = horizon * system.dt
     ts = jnp.linspace(0.0, t1, horizon + 1)
 
-    def field(t, y, args):
+    # theta goes in through ``args`` (not a closure) so that every diffrax adjoint, BacksolveAdjoint's
+    # custom VJP included, differentiates with respect to it.
+    def field(t, y, theta):
         x, _ = y
         return system.vector_field(t, x, theta), problem.cost(x, theta)
 
@@ -199,6 +201,7 @@ def _ode_episode(problem: Problem, theta, key):
         t1=t1,
         dt0=system.dt,
         y0=(x0, jnp.zeros((), x0.dtype)),
+        args=theta,
         saveat=diffrax.SaveAt(ts=ts),
         stepsize_controller=system.stepsize_controller,
         adjoint=system.adjoint,
@@ -221,11 +224,11 @@ def _sde_episode(problem: Problem, theta, key):
     ts = jnp.linspace(0.0, t1, horizon + 1)
     bm = diffrax.VirtualBrownianTree(0.0, t1, tol=system.dt / 4, shape=x0.shape, key=key_bm)
 
-    def diffusion(t, x, args):
+    def diffusion(t, x, theta):
         return lineax.DiagonalLinearOperator(jnp.broadcast_to(system.diffusion(t, x, theta), x.shape))
 
     terms = diffrax.MultiTerm(
-        diffrax.ODETerm(lambda t, x, args: system.drift(t, x, theta)), diffrax.ControlTerm(diffusion, bm)
+        diffrax.ODETerm(lambda t, x, theta: system.drift(t, x, theta)), diffrax.ControlTerm(diffusion, bm)
     )
     sol = diffrax.diffeqsolve(
         terms,
@@ -234,6 +237,7 @@ def _sde_episode(problem: Problem, theta, key):
         t1=t1,
         dt0=system.dt,
         y0=x0,
+        args=theta,
         saveat=diffrax.SaveAt(ts=ts),
         adjoint=system.adjoint,
         max_steps=horizon + 16,

@@ -1,0 +1,31 @@
+"""The README's quickstart runs as written (so the front page cannot rot)."""
+
+import pathlib
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_readme_quickstart_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python code block"
+    monkeypatch.chdir(tmp_path)  # the quickstart writes a checkpoint file
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md quickstart", "exec"), namespace)
+    result = namespace["result"]
+    assert (tmp_path / "run.npz").exists()
+    # The quickstart's LQR gain improves on the zero gain it starts from.
+    assert result.history["objective"][-1] < 0.5 * result.history["objective"][0]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    text = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"```bash\n(?:#.*\n)?(.*?)\n```", text)
+    test_command = [c for c in commands if "pytest" in c]
+    assert len(test_command) == 1 and test_command[0] in ci.splitlines()
