@@ -1,4 +1,5 @@
-"""``pydso sysid``: identify a model on many stored datasets (one fit per experiment, on Dask)."""
+"""``pydso sysid``: identify a model on many stored datasets (one fit per experiment on Dask, or one joint fit
+with parameters shared across experiments: ``--joint --shared k1,k3``)."""
 
 import argparse
 import sys
@@ -20,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="system identification: fit a model to many stored datasets",
         description=(
             "Fit a system-identification model to every experiment of the given datasets (pydso zarr stores), "
-            "one Levenberg-Marquardt fit per experiment on Dask, and write estimates, standard errors, 95% "
+            "one Levenberg-Marquardt fit per experiment on Dask (or, with --joint, one fit of all experiments with "
+            "--shared parameters common to them), and write estimates, standard errors, 95% "
             "confidence intervals and fit metrics to a zarr store. Failing experiments are recorded with their "
             "error; re-running with the same --out skips experiments already done."
         ),
@@ -70,6 +72,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=["auto", "episode", "dataset"],
         default="auto",
         help="what one experiment is: each episode, or each dataset (auto: episode for one path, else dataset)",
+    )
+    p.add_argument(
+        "--joint",
+        action="store_true",
+        help="one joint fit of all experiments instead of one fit each: the --shared parameters are common to "
+        "all experiments, the others (and the initial states) per experiment; experiments must have equal "
+        "lengths. A joint fit is one optimisation and runs as a single Dask task",
+    )
+    p.add_argument(
+        "--shared",
+        default="",
+        metavar="NAMES",
+        help="comma-separated parameter names shared by all experiments in a --joint fit (e.g. k1,k3)",
     )
     p.add_argument("--max-steps", type=int, default=500, help="maximum Levenberg-Marquardt iterations per fit")
     p.add_argument("--no-resume", action="store_true", help="re-run all experiments even if --out has them")
@@ -121,6 +136,18 @@ def summary_table(res, max_rows: int = 20) -> str:
             lines.append(
                 f"{n:<14} {np.nanmean(est[:, j]):12.6g} {np.nanstd(est[:, j]):12.4g} {np.nanmedian(se[:, j]):14.4g}"
             )
+    if res.attrs.get("joint") and "shared" in res.coords and ok.any():
+        flags = np.asarray(res["shared"].values, bool)
+        first = int(np.argmax(ok))
+        lines.append("")
+        lines.append(f"shared parameters (joint fit, sigma2={float(res.attrs.get('sigma2', np.nan)):.4g}):")
+        lines.append(f"{'parameter':<14} {'estimate':>12} {'stderr':>12} {'95% CI':>27}")
+        for j in np.flatnonzero(flags):
+            lo, hi = res["ci_low"].values[first, j], res["ci_high"].values[first, j]
+            lines.append(
+                f"{names[j]:<14} {res['estimate'].values[first, j]:12.6g} {res['stderr'].values[first, j]:12.4g}"
+                f"   [{lo:11.5g}, {hi:11.5g}]"
+            )
     counts = {s: status.count(s) for s in sorted(set(status))}
     lines.append("")
     lines.append("experiments: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f" (total {len(status)})")
@@ -133,6 +160,9 @@ def summary_table(res, max_rows: int = 20) -> str:
 def run(args) -> int:
     from pydso.distributed import expand_paths, fit_many
 
+    shared = [n.strip() for n in args.shared.split(",") if n.strip()]
+    if shared and not args.joint:
+        raise ValueError("--shared needs --joint (shared parameters only exist in a joint fit)")
     paths = expand_paths(args.data)
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     res = fit_many(
@@ -148,6 +178,8 @@ def run(args) -> int:
         by=None if args.by == "auto" else args.by,
         fit_options={"max_steps": args.max_steps},
         progress=progress,
+        joint=args.joint,
+        shared=shared,
     )
     print(summary_table(res))
     print(f"results written to {args.out}")

@@ -11,7 +11,16 @@ Results come back as an ``xarray.Dataset`` (experiment x parameter: ``estimate``
 ``out`` as the batch proceeds. A failing experiment (bad data, diverging solve) is recorded with its error and
 the batch goes on; re-running with the same ``out`` skips the experiments already recorded (``resume=True``).
 
-Not implemented: joint fits with parameters shared across experiments (each experiment is fitted on its own).
+Joint fits (``joint=True, shared=[...]``): the experiments are fitted together by
+:func:`pydso.problems.sysid.fit_joint` — the parameters named in ``shared`` are common to all experiments, the
+others (and the initial states) per experiment, all in one Levenberg–Marquardt problem. A joint fit is a single
+optimisation, so it runs as **one** Dask task on one worker (the cluster gives no parallelism across experiments
+there; the residuals of all experiments are vmapped inside that task). The experiments must have equal shapes
+(episodes x samples x channels). Its results dataset has the same layout (``estimate`` etc. over experiment x
+parameter, shared parameters repeated in every row with the same joint value and interval and flagged by the
+boolean coordinate ``shared(parameter)``), plus ``cov(joint_row, joint_col)`` over the joint vector and the
+attributes ``joint``, ``shared``, ``sigma2``, ``dof`` (see :meth:`~pydso.problems.sysid.JointSysIdResult.to_dataset`).
+If the joint fit fails, every experiment is recorded as failed with its error.
 """
 
 from __future__ import annotations
@@ -161,6 +170,27 @@ def _fit_one(model_spec, exp_id, source, episode, loss, fit_options) -> dict:
     return rec
 
 
+def _fit_joint_task(model_spec, exps, loss, shared, fit_options):
+    """Run one joint fit over all experiments; never raises: returns ``(dataset or None, error message)``."""
+    try:
+        from pydso.problems.sysid import fit_joint
+
+        model = load_model(model_spec)
+        datasets = []
+        for _, src, ep in exps:
+            ds = src if isinstance(src, xr.Dataset) else _load(src)
+            datasets.append(ds.isel(episode=[ep]) if ep is not None else ds)
+        r = fit_joint(
+            model, datasets, shared=shared, loss=loss, experiment_ids=[e[0] for e in exps], **(fit_options or {})
+        )
+        return r.to_dataset(), ""
+    except Exception as e:  # noqa: BLE001 - recorded for every experiment
+        msg = f"{type(e).__name__}: {e}"
+        if not isinstance(e, ValueError | RuntimeError | FileNotFoundError):
+            msg += " | " + traceback.format_exc(limit=3).replace("\n", " ")[-500:]
+        return None, msg
+
+
 def _records_to_dataset(records: list[dict], attrs: dict) -> xr.Dataset:
     names: list[str] = []
     for r in records:
@@ -259,6 +289,8 @@ def fit_many(
     progress: bool | None = None,
     checkpoint_every: int = 50,
     on_result: Callable[[dict], None] | None = None,
+    joint: bool = False,
+    shared: Sequence[str] | str | None = None,
 ) -> xr.Dataset:
     """Fit ``model`` to every experiment, on Dask; return (and save to ``out``) the results dataset.
 
@@ -278,12 +310,38 @@ def fit_many(
     - ``out``: zarr store for the results, rewritten every ``checkpoint_every`` results and at the end;
       ``resume``: skip the experiments already in ``out`` (``retry_failed=True`` re-runs failed ones).
     - ``progress``: tqdm bar (default: only on a terminal); ``on_result``: called with each record.
+    - ``joint=True``: one joint fit of all experiments (:func:`pydso.problems.sysid.fit_joint`) with the
+      parameters named in ``shared`` (names or a comma-separated string) common to all of them; it is one
+      optimisation and runs as a single Dask task (see the module documentation for the results layout).
+      ``resume`` then skips the fit if ``out`` holds a joint result for the same experiments and ``shared``.
     """
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
 
     from ._progress import progress_bar
 
+    if isinstance(shared, str):
+        shared = [p.strip() for p in shared.split(",") if p.strip()]
+    shared = list(shared or [])
+    if shared and not joint:
+        raise ValueError(f"shared={shared!r} needs joint=True (shared parameters only exist in a joint fit)")
     exps = _experiments(datasets_or_paths, by)
+    if joint:
+        return _fit_many_joint(
+            model,
+            exps,
+            loss,
+            shared,
+            client,
+            scheduler,
+            n_workers,
+            processes,
+            out,
+            resume,
+            retry_failed,
+            fit_options,
+            progress,
+            on_result,
+        )
     done: dict[str, dict] = {}
     if out is not None and resume and os.path.exists(out):
         for r in _dataset_to_records(open_results(out)):
@@ -300,17 +358,7 @@ def fit_many(
     try:
         if todo:
             if client is None:
-                if scheduler is not None:
-                    client = own = Client(scheduler)
-                elif processes:
-                    cluster = LocalCluster(
-                        n_workers=n_workers or 1, threads_per_worker=1, processes=True, dashboard_address=":0"
-                    )
-                    client = own = Client(cluster)
-                else:
-                    client = own = Client(
-                        processes=False, n_workers=1, threads_per_worker=n_workers or 1, dashboard_address=":0"
-                    )
+                client = own = _start_client(scheduler, processes, n_workers)
             mspec = model if isinstance(model, str) else load_model(model)
             if not isinstance(mspec, str):
                 [mspec] = client.scatter([mspec], broadcast=True, hash=False)
@@ -338,13 +386,100 @@ def fit_many(
                     _save(_records_to_dataset([records[e[0]] for e in exps if e[0] in records], attrs), out)
             bar.close()
     finally:
-        if own is not None:
-            cluster = getattr(own, "cluster", None)
-            own.close()
-            if cluster is not None:
-                cluster.close()
+        _close_client(own)
     ordered = [records[e[0]] for e in exps if e[0] in records]
     result = _records_to_dataset(ordered, attrs)
+    if out is not None:
+        _save(result, out)
+    return result
+
+
+def _start_client(scheduler, processes, n_workers):
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        return Client(scheduler)
+    if processes:
+        cluster = LocalCluster(n_workers=n_workers or 1, threads_per_worker=1, processes=True, dashboard_address=":0")
+        return Client(cluster)
+    return Client(processes=False, n_workers=1, threads_per_worker=n_workers or 1, dashboard_address=":0")
+
+
+def _close_client(own) -> None:
+    if own is not None:
+        cluster = getattr(own, "cluster", None)
+        own.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _fit_many_joint(
+    model,
+    exps,
+    loss,
+    shared,
+    client,
+    scheduler,
+    n_workers,
+    processes,
+    out,
+    resume,
+    retry_failed,
+    fit_options,
+    progress,
+    on_result,
+) -> xr.Dataset:
+    """``fit_many(..., joint=True)``: one joint fit of all experiments as a single Dask task."""
+    from ._progress import progress_bar
+
+    ids = [e[0] for e in exps]
+    if out is not None and resume and os.path.exists(out):
+        stored = open_results(out)
+        same = (
+            bool(stored.attrs.get("joint"))
+            and [str(e) for e in stored["experiment"].values] == ids
+            and list(stored.attrs.get("shared_requested", [])) == shared
+        )
+        failed = bool((stored["status"].values == "failed").all())
+        if same and not (failed and retry_failed):
+            return stored
+    attrs = {
+        "loss": str(loss),
+        "model": model if isinstance(model, str) else getattr(load_model(model), "name", type(model).__name__),
+        "created_by": "pydso.distributed.fit_many",
+        "joint": True,
+        "shared_requested": list(shared),
+    }
+    t0 = time.perf_counter()
+    own = None
+    try:
+        if client is None:
+            client = own = _start_client(scheduler, processes, n_workers)
+        mspec = model if isinstance(model, str) else load_model(model)
+        srcs = [
+            (eid, src.isel(episode=[ep]), None) if isinstance(src, xr.Dataset) and ep is not None else (eid, src, ep)
+            for eid, src, ep in exps
+        ]
+        bar = progress_bar(total=1, desc="sysid joint fit", enable=progress)
+        fut = client.submit(_fit_joint_task, mspec, srcs, loss, shared, fit_options, pure=False)
+        try:
+            result, err = fut.result()
+        except Exception as e:  # noqa: BLE001 - e.g. the worker died
+            result, err = None, f"{type(e).__name__}: {e}"
+        bar.update(1)
+        bar.close()
+    finally:
+        _close_client(own)
+    wall = time.perf_counter() - t0
+    if result is None:
+        recs = [{"id": eid, "status": "failed", "error": err, "wall_s": wall} for eid in ids]
+        result = _records_to_dataset(recs, {})
+    else:
+        result["wall_s"] = ("experiment", np.full(len(ids), wall))
+    result.attrs = {**result.attrs, **attrs}
+    if on_result is not None:
+        for rec in _dataset_to_records(result):
+            on_result(rec)
     if out is not None:
         _save(result, out)
     return result
