@@ -94,6 +94,63 @@ def arx_guess(u, y, dt):
     return {"d": d, "k1": k1, "g": dc_gain * k1, "c": c0 / (1 - a1 - a2) * k1}
 
 
+def fit_models(ue, ye, dt, max_steps=200):
+    """Fit the linear model (started from the ARX guess), then the grey box (started from the linear fit).
+
+    ``ue``/``ye`` are the estimation input/output. Returns ``(results, guess)``: ``results`` maps the model name
+    (``"linear"``, ``"grey-box"``) to ``(model, SysIdResult, fit wall time in s)``, ``guess`` is the ARX guess.
+    """
+    ds_est = dataset(ue, ye, dt)
+    guess = arx_guess(ue, ye, dt)
+    y_off0 = 0.0
+    x0 = [float(ye[0]), float((ye[1] - ye[0]) / dt)]
+    tr = {"d": "positive", "k1": "positive", "g": "positive"}
+    results = {}
+    lin = S.ContinuousModel(f_lin, h, {**guess, "y_off": y_off0}, x0=x0, transforms=tr, input="linear", name="linear")
+    tic = time.perf_counter()
+    r_lin = S.fit(lin, ds_est, max_steps=max_steps)
+    results["linear"] = (lin, r_lin, time.perf_counter() - tic)
+    p_lin = r_lin.as_dict()
+    grey = S.ContinuousModel(
+        f_grey,
+        h,
+        {**{k: p_lin[k] for k in ("d", "k1", "g", "c")}, "k3": 0.0, "y_off": p_lin["y_off"]},
+        x0=r_lin.x0[0],
+        transforms=tr,
+        input="linear",
+        name="grey-box",
+    )
+    tic = time.perf_counter()
+    r_grey = S.fit(grey, ds_est, max_steps=max_steps)
+    results["grey-box"] = (grey, r_grey, time.perf_counter() - tic)
+    return results, guess
+
+
+def simulate_test(model, res, ut, yt, dt):
+    """Free-run simulation of a fitted model on a test record, initial state from the first two output samples."""
+    p = res.params
+    x0t = [float(yt[0] - p["y_off"]), float((yt[1] - yt[0]) / dt)]
+    return S.simulate(model, p, ut, dt=dt, x0=x0t)[:, 0]
+
+
+def model_report(res, ysim, yt, n_noex, wall):
+    """The JSON record of one model: estimates, standard errors, estimation and test-arrow metrics."""
+    err = ysim - yt
+    rm_all = float(np.sqrt(np.mean(err**2)))
+    rm_noex = float(np.sqrt(np.mean(err[:n_noex] ** 2)))
+    return {
+        "parameters": res.as_dict(),
+        "stderr": dict(zip(res.names, map(float, res.stderr), strict=True)),
+        "estimation_rmse_mV": float(res.rmse[0] * 1e3),
+        "estimation_fit_percent": float(res.fit_percent[0]),
+        "test_arrow_rmse_mV": rm_all * 1e3,
+        "test_arrow_no_extrapolation_rmse_mV": rm_noex * 1e3,
+        "lm_steps": res.n_steps,
+        "converged": res.converged,
+        "fit_wall_s": wall,
+    }
+
+
 def main() -> int:
     data = load()
     if data is None:
@@ -107,58 +164,20 @@ def main() -> int:
     t0, t1 = splits["test_arrow"]
     n_noex = splits["test_arrow_no_extrapolation"][1]
     ue, ye = u[e0:e1], y[e0:e1]
-    ds_est = dataset(ue, ye, dt)
-
-    guess = arx_guess(ue, ye, dt)
-    y_off0 = 0.0
-    x0 = [float(ye[0]), float((ye[1] - ye[0]) / dt)]
-    tr = {"d": "positive", "k1": "positive", "g": "positive"}
-    results = {}
-    lin = S.ContinuousModel(f_lin, h, {**guess, "y_off": y_off0}, x0=x0, transforms=tr, input="linear", name="linear")
-    tic = time.perf_counter()
-    r_lin = S.fit(lin, ds_est, max_steps=200)
-    results["linear"] = (lin, r_lin, time.perf_counter() - tic)
-    p_lin = r_lin.as_dict()
-    grey = S.ContinuousModel(
-        f_grey,
-        h,
-        {**{k: p_lin[k] for k in ("d", "k1", "g", "c")}, "k3": 0.0, "y_off": p_lin["y_off"]},
-        x0=r_lin.x0[0],
-        transforms=tr,
-        input="linear",
-        name="grey-box",
-    )
-    tic = time.perf_counter()
-    r_grey = S.fit(grey, ds_est, max_steps=200)
-    results["grey-box"] = (grey, r_grey, time.perf_counter() - tic)
+    results, guess = fit_models(ue, ye, dt)
 
     ut, yt = u[t0:t1], y[t0:t1]
     report = {"splits": splits, "dt": dt, "arx_initial_guess": guess, "models": {}}
     sims = {}
     for name, (model, res, wall) in results.items():
-        p = res.params
-        x0t = [float(yt[0] - p["y_off"]), float((yt[1] - yt[0]) / dt)]
-        ysim = S.simulate(model, p, ut, dt=dt, x0=x0t)[:, 0]
+        ysim = simulate_test(model, res, ut, yt, dt)
         sims[name] = ysim
-        err = ysim - yt
-        rm_all = float(np.sqrt(np.mean(err**2)))
-        rm_noex = float(np.sqrt(np.mean(err[:n_noex] ** 2)))
-        report["models"][name] = {
-            "parameters": res.as_dict(),
-            "stderr": dict(zip(res.names, map(float, res.stderr), strict=True)),
-            "estimation_rmse_mV": float(res.rmse[0] * 1e3),
-            "estimation_fit_percent": float(res.fit_percent[0]),
-            "test_arrow_rmse_mV": rm_all * 1e3,
-            "test_arrow_no_extrapolation_rmse_mV": rm_noex * 1e3,
-            "lm_steps": res.n_steps,
-            "converged": res.converged,
-            "fit_wall_s": wall,
-        }
+        m = report["models"][name] = model_report(res, ysim, yt, n_noex, wall)
         print(f"--- {name} ({wall:.1f} s, {res.n_steps} LM steps)")
         print(res.summary())
         print(
-            f"test arrow RMSE: {rm_all * 1e3:.3f} mV (whole, {t1 - t0} samples), "
-            f"{rm_noex * 1e3:.3f} mV (without extrapolation tail, first {n_noex} samples)"
+            f"test arrow RMSE: {m['test_arrow_rmse_mV']:.3f} mV (whole, {t1 - t0} samples), "
+            f"{m['test_arrow_no_extrapolation_rmse_mV']:.3f} mV (without extrapolation tail, first {n_noex} samples)"
         )
     report["published"] = "see Wigren & Schoukens, ECC 2013; figures not verified here"
     OUTDIR.mkdir(parents=True, exist_ok=True)
