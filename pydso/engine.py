@@ -20,7 +20,7 @@ import lineax
 import numpy as np
 
 from ._errors import DivergenceError, ProblemError
-from ._fastpath import fixed_step_ensemble
+from ._fastpath import euler_maruyama_ensemble, fixed_step_ensemble
 from ._progress import progress_bar
 from .systems import AbstractChain, ODESystem, Problem, SDESystem
 
@@ -174,7 +174,7 @@ def _ode_episode(problem: Problem, theta, key):
     system: ODESystem = problem.system
     horizon = problem.setting.horizon
     x0 = problem.initial.sample(key)
-    if system.uses_fastpath:
+    if system.uses_fastpath and x0.ndim == 1:  # the fast path works on vector states
         states, costs = fixed_step_ensemble(
             system.vector_field,
             x0[None],
@@ -222,6 +222,25 @@ def _sde_episode(problem: Problem, theta, key):
     x0 = problem.initial.sample(key0)
     t1 = horizon * system.dt
     ts = jnp.linspace(0.0, t1, horizon + 1)
+    if system.uses_fastpath and x0.ndim == 1:  # the fast path works on vector states
+        states, _ = euler_maruyama_ensemble(
+            system.drift, system.diffusion, x0[None], theta, dt=system.dt, n_steps=horizon, key=key_bm
+        )
+        states = states[0]
+    else:
+        states = _sde_diffrax(system, theta, x0, key_bm, ts)
+    # Left-point (Euler) rule for the running cost: the Euler-Maruyama discretisation of the cost integral.
+    costs = jax.vmap(problem.cost, in_axes=(0, None))(states[:-1], theta) * system.dt
+    lps = jax.vmap(system.log_prob, in_axes=(0, 0, 0, None))(
+        ts[:-1], jax.lax.stop_gradient(states[:-1]), jax.lax.stop_gradient(states[1:]), theta
+    )
+    return states, costs, lps, jnp.ones((horizon + 1,), bool)
+
+
+def _sde_diffrax(system: SDESystem, theta, x0, key_bm, ts):
+    """The reference path: :func:`diffrax.diffeqsolve` on a virtual Brownian tree (NaN states on failure)."""
+    horizon = ts.shape[0] - 1
+    t1 = horizon * system.dt
     bm = diffrax.VirtualBrownianTree(0.0, t1, tol=system.dt / 4, shape=x0.shape, key=key_bm)
 
     def diffusion(t, x, theta):
@@ -244,13 +263,7 @@ def _sde_episode(problem: Problem, theta, key):
         throw=False,
     )
     ok = sol.result == diffrax.RESULTS.successful
-    states = jnp.where(ok, sol.ys, jnp.nan)
-    # Left-point (Euler) rule for the running cost: the Euler-Maruyama discretisation of the cost integral.
-    costs = jax.vmap(problem.cost, in_axes=(0, None))(states[:-1], theta) * system.dt
-    lps = jax.vmap(system.log_prob, in_axes=(0, 0, 0, None))(
-        ts[:-1], jax.lax.stop_gradient(states[:-1]), jax.lax.stop_gradient(states[1:]), theta
-    )
-    return states, costs, lps, jnp.ones((horizon + 1,), bool)
+    return jnp.where(ok, sol.ys, jnp.nan)
 
 
 def simulate_episode(problem: Problem, theta: PyTree, key: jax.Array, checkpoints: int | None = None):

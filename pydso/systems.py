@@ -220,10 +220,11 @@ class ODESystem(AbstractSystem):
 class SDESystem(AbstractSystem):
     r"""A closed-loop Itô SDE :math:`dx = f(t,x,\theta)\,dt + g(t,x,\theta)\odot dW` (diagonal noise).
 
-    Solved by diffrax on a virtual Brownian tree (default solver: Euler–Maruyama with step ``dt``), so the
-    rollout is reparameterised and the pathwise estimator applies. :meth:`log_prob` is the Euler–Maruyama
-    transition density :math:`N(x + f\,dt,\ g^2\,dt)`, exact for the default solver (use the score estimator
-    only with it).
+    Simulated by Euler–Maruyama with step ``dt`` — by default on pydso's fast path (a ``lax.scan`` with its own
+    Gaussian increments), or by diffrax on a virtual Brownian tree (``integrator="diffrax"``, or any other diffrax
+    ``solver``) — so the rollout is reparameterised and the pathwise estimator applies. :meth:`log_prob` is the
+    Euler–Maruyama transition density :math:`N(x + f\,dt,\ g^2\,dt)`, exact for the default solver (use the
+    score estimator only with it).
     """
 
     drift: Callable = eqx.field(static=True)
@@ -231,6 +232,7 @@ class SDESystem(AbstractSystem):
     dt: float = eqx.field(static=True, default=0.01)
     solver: diffrax.AbstractSolver = eqx.field(static=True, default_factory=diffrax.Euler)
     adjoint: diffrax.AbstractAdjoint = eqx.field(static=True, default_factory=_default_adjoint)
+    integrator: str = eqx.field(static=True, default="auto")
     stochastic: ClassVar[bool] = True
     reparameterized: ClassVar[bool] = True
     has_log_prob: ClassVar[bool] = True
@@ -238,6 +240,26 @@ class SDESystem(AbstractSystem):
     def __check_init__(self):
         if not (isinstance(self.dt, int | float) and np.isfinite(self.dt) and self.dt > 0):
             raise ProblemError(f"SDESystem.dt must be a positive finite number, got {self.dt!r}")
+        if self.integrator not in ("auto", "fastpath", "diffrax"):
+            raise ProblemError(f"SDESystem.integrator must be 'auto', 'fastpath' or 'diffrax', got {self.integrator!r}")
+        if self.integrator == "fastpath" and not self._fastpath_applies():
+            raise ProblemError(
+                "SDESystem.integrator='fastpath' is Euler-Maruyama: it needs solver=diffrax.Euler() and "
+                "RecursiveCheckpointAdjoint/DirectAdjoint; use 'auto' or 'diffrax' for this system"
+            )
+
+    def _fastpath_applies(self) -> bool:
+        return type(self.solver) is diffrax.Euler and isinstance(
+            self.adjoint, diffrax.RecursiveCheckpointAdjoint | diffrax.DirectAdjoint
+        )
+
+    @property
+    def uses_fastpath(self) -> bool:
+        """Whether rollouts use pydso's Euler–Maruyama scan (own Gaussian increments, one per step from
+        ``fold_in(key, step)``) instead of :func:`diffrax.diffeqsolve` on a ``VirtualBrownianTree``. Both are the
+        same Euler–Maruyama scheme; they differ only in how the Brownian increments are generated, so their
+        sample paths agree in distribution (and exactly when driven by the same increments, see the tests)."""
+        return self.integrator != "diffrax" and self._fastpath_applies()
 
     def log_prob(self, t, x, x_next, theta):
         mean = x + self.drift(t, x, theta) * self.dt

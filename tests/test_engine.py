@@ -215,3 +215,46 @@ def test_diverging_chunk_is_not_recorded(tmp_path):
     with pytest.raises(pydso.DivergenceError):
         pydso.rollout(problem, 3.0, KEY, 4, chunk_size=2, record=path)
     assert not path.exists()
+
+
+def test_sde_fast_path_equals_diffrax_euler_maruyama_on_the_same_increments():
+    import diffrax
+    import lineax
+
+    a, s, dt, horizon = 1.3, 0.4, 0.02, 50
+    drift = lambda t, x, th: -th * x + jnp.sin(t)
+    diffusion = lambda t, x, th: s * (1.0 + 0.1 * x**2)
+    problem = pydso.Problem(
+        pydso.SDESystem(drift, diffusion, dt=dt),
+        lambda x, th: x @ x,
+        pydso.FiniteHorizon(horizon),
+        pydso.Normal(jnp.ones(2), 0.5),
+    )
+    assert problem.system.uses_fastpath
+    traj = pydso.rollout(problem, a, KEY, 3)
+    # Rebuild each episode's increments exactly as the fast path draws them, and drive diffrax's Euler
+    # (Euler-Maruyama) with them through a piecewise-linear Brownian path.
+    ts = dt * jnp.arange(horizon + 1)
+    for i, key in enumerate(pydso.engine.episode_keys(KEY, 3)):
+        key0, key_bm = jax.random.split(key)
+        x0 = problem.initial.sample(key0)
+        dw = jnp.sqrt(dt) * jnp.stack(
+            [jax.random.normal(jax.random.fold_in(key_bm, n), (2, 1))[:, 0] for n in range(horizon)]
+        )
+        path = diffrax.LinearInterpolation(ts, jnp.concatenate([jnp.zeros((1, 2)), jnp.cumsum(dw, axis=0)]))
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(lambda t, x, th: drift(t, x, th)),
+            diffrax.ControlTerm(lambda t, x, th: lineax.DiagonalLinearOperator(diffusion(t, x, th)), path),
+        )
+        sol = diffrax.diffeqsolve(
+            terms, diffrax.Euler(), 0.0, horizon * dt, dt, x0, args=a, saveat=diffrax.SaveAt(ts=ts)
+        )
+        np.testing.assert_allclose(np.asarray(traj.states[i]), np.asarray(sol.ys), rtol=1e-12, atol=1e-13)
+    reference = pydso.Problem(
+        pydso.SDESystem(drift, diffusion, dt=dt, integrator="diffrax"),
+        lambda x, th: x @ x,
+        pydso.FiniteHorizon(horizon),
+        pydso.Normal(jnp.ones(2), 0.5),
+    )
+    assert not reference.system.uses_fastpath
+    assert pydso.rollout(reference, a, KEY, 3).states.shape == traj.states.shape
