@@ -1,0 +1,118 @@
+"""Parameter transforms and the parameter space: the maps between physical parameters (any pytree with float
+array leaves) and the flat unconstrained vector the solvers work on.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import SysIdError
+
+
+def _transform_pair(spec, name):
+    """(to_physical, to_unconstrained) for one transform spec."""
+    if spec is None or spec == "identity":
+        return (lambda z: z), (lambda p: p)
+    if spec in ("positive", "log", "exp"):
+
+        def inv(p):
+            if np.any(np.asarray(p) <= 0):
+                raise SysIdError(f"parameter {name!r} has a positive transform but initial guess {p!r} <= 0")
+            return jnp.log(p)
+
+        return jnp.exp, inv
+    if spec == "softplus":
+
+        def inv(p):
+            if np.any(np.asarray(p) <= 0):
+                raise SysIdError(f"parameter {name!r} has a softplus transform but initial guess {p!r} <= 0")
+            return p + jnp.log(-jnp.expm1(-p))
+
+        return jax.nn.softplus, inv
+    if isinstance(spec, tuple | list) and len(spec) in (2, 3):
+        lo, hi = (spec[1], spec[2]) if len(spec) == 3 else spec
+        if len(spec) == 3 and spec[0] not in ("bounded", "sigmoid"):
+            raise SysIdError(f"unknown transform {spec!r} for parameter {name!r}")
+        lo, hi = float(lo), float(hi)
+        if not hi > lo:
+            raise SysIdError(f"bounded transform of {name!r} needs lower < upper, got {lo}, {hi}")
+
+        def inv(p):
+            pa = np.asarray(p)
+            if np.any(pa <= lo) or np.any(pa >= hi):
+                raise SysIdError(f"initial guess of {name!r} = {p!r} lies outside its bounds ({lo}, {hi})")
+            q = (p - lo) / (hi - lo)
+            return jnp.log(q) - jnp.log1p(-q)
+
+        return (lambda z: lo + (hi - lo) * jax.nn.sigmoid(z)), inv
+    raise SysIdError(
+        f"unknown transform {spec!r} for parameter {name!r}: use None, 'positive', 'softplus' or (lower, upper)"
+    )
+
+
+def _path_name(path) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return ".".join(parts) or "theta"
+
+
+class _ParamSpace:
+    """Flattens the parameter pytree (array leaves only) into an unconstrained vector and back."""
+
+    def __init__(self, params, transforms):
+        params = jax.tree.map(
+            lambda v: jnp.asarray(v, dtype=float) if isinstance(v, int | float | np.ndarray | np.number) else v,
+            params,
+        )
+        dyn, self.static = eqx.partition(params, eqx.is_inexact_array)
+        leaves_p, self.treedef = jax.tree_util.tree_flatten_with_path(dyn)
+        transforms = dict(transforms or {})
+        self.leaf_names = [_path_name(p) for p, _ in leaves_p]
+        unknown = set(transforms) - set(self.leaf_names)
+        if unknown:
+            raise SysIdError(f"transforms given for unknown parameters {sorted(unknown)}; have {self.leaf_names}")
+        self.shapes = [v.shape for _, v in leaves_p]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.fwd, z_leaves = [], []
+        self.specs = [transforms.get(n) for n in self.leaf_names]
+        for (_, v), n, spec in zip(leaves_p, self.leaf_names, self.specs, strict=True):
+            to_phys, to_unc = _transform_pair(spec, n)
+            self.fwd.append(to_phys)
+            z_leaves.append(jnp.ravel(to_unc(v)))
+        self.size = sum(self.sizes)
+        self.z0 = jnp.concatenate(z_leaves) if z_leaves else jnp.zeros((0,))
+        names = []
+        for n, s, shape in zip(self.leaf_names, self.sizes, self.shapes, strict=True):
+            names += [n] if shape == () else [f"{n}[{i}]" for i in range(s)]
+        self.names = names
+
+    def physical_flat(self, z):
+        out, i = [], 0
+        for f, s in zip(self.fwd, self.sizes, strict=True):
+            out.append(f(z[i : i + s]))
+            i += s
+        return jnp.concatenate(out) if out else z
+
+    def unflatten(self, z):
+        flat = self.physical_flat(z)
+        leaves, i = [], 0
+        for s, shape in zip(self.sizes, self.shapes, strict=True):
+            leaves.append(flat[i : i + s].reshape(shape))
+            i += s
+        dyn = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return eqx.combine(dyn, self.static)
+
+    def jac_diag(self, z):
+        """d physical / d z (the transforms act elementwise)."""
+        return jax.jvp(self.physical_flat, (z,), (jnp.ones_like(z),))[1]
