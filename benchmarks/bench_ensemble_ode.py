@@ -20,9 +20,14 @@ Usage: python benchmarks/bench_ensemble_ode.py [--sizes 100 1000 10000 100000] [
 """
 
 import argparse
+import os
+import sys
+
+# --cpu-devices N must take effect before JAX creates its CPU backend (see pydso._config).
+if "--cpu-devices" in sys.argv:
+    os.environ["PYDSO_CPU_DEVICES"] = sys.argv[sys.argv.index("--cpu-devices") + 1]
 import datetime
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -48,6 +53,15 @@ def lorenz(t, x, th):
 def initial(n, seed=0):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, 3)) + np.array([1.0, 1.0, 20.0])
+
+
+def shard_rows(x):
+    """Spread the ensemble (rows) over all JAX devices, as pydso's rollouts do (no-op on one device)."""
+    devices = jax.devices()
+    if len(devices) < 2 or x.shape[0] % len(devices):
+        return x
+    mesh = jax.sharding.Mesh(np.array(devices), ("episode",))
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("episode", None)))
 
 
 def best_time(fn, reps):
@@ -185,6 +199,7 @@ def machine_info():
         "versions": versions,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "loadavg_at_start": os.getloadavg(),
+        "jax_devices": jax.device_count(),
     }
 
 
@@ -193,8 +208,17 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000, 100000])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="sizes 100 1000, 2 reps")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ensemble_ode.json"))
+    ap.add_argument("--out", default=None, help="default: results/ensemble_ode[_<N>cpu].json")
+    ap.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="split the CPU into N JAX devices and shard the ensemble over them (pydso and diffrax alike)",
+    )
     args = ap.parse_args()
+    if args.out is None:
+        suffix = f"_{args.cpu_devices}cpu" if args.cpu_devices else ""
+        args.out = str(Path(__file__).parent / "results" / f"ensemble_ode{suffix}.json")
     if args.quick:
         args.sizes, args.reps = [100, 1000], 2
 
@@ -204,7 +228,7 @@ def main():
     sc_rate, sc_steps = scipy_rate()
     rows = []
     for n in args.sizes:
-        x0 = jnp.asarray(initial(n))
+        x0 = shard_rows(jnp.asarray(initial(n)))
         reps = args.reps if n < 100_000 else 1
         for name, solver in (("RK4-3/8", RK4ThreeEighths()), ("Tsit5", diffrax.Tsit5())):
             _, c_fast, t_fast = time_jax(pydso_fn(solver), (x0, THETA), reps)

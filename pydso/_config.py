@@ -4,6 +4,11 @@ pydso works in float64 by default: the exact tabular reference, finite-differenc
 gradients need it. Importing pydso therefore sets ``jax_enable_x64`` unless the environment variable
 ``PYDSO_X64=0`` is set before import (then JAX's default float32 is kept; use it for large GPU ensembles).
 A persistent compilation cache is enabled when ``PYDSO_CACHE_DIR`` names a directory.
+
+XLA runs one compiled ensemble on one CPU core. ``PYDSO_CPU_DEVICES=N`` (set before the first JAX computation)
+splits the host CPU into ``N`` JAX devices (``--xla_force_host_platform_device_count``), and pydso shards the
+episodes of rollouts and gradient estimates over them (:func:`pydso.engine.shard_episodes`), so ensembles use
+``N`` cores. It changes ``jax.devices()`` for the whole process, which is why it is opt-in.
 """
 
 import os
@@ -12,6 +17,11 @@ import jax
 
 
 def configure() -> None:
+    cpu_devices = os.environ.get("PYDSO_CPU_DEVICES")
+    if cpu_devices:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(cpu_devices)}".strip()
     if os.environ.get("PYDSO_X64", "1") != "0":
         jax.config.update("jax_enable_x64", True)
     cache_dir = os.environ.get("PYDSO_CACHE_DIR")
