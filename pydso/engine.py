@@ -230,7 +230,7 @@ def _sde_episode(problem: Problem, theta, key):
     else:
         states = _sde_diffrax(system, theta, x0, key_bm, ts)
     # Left-point (Euler) rule for the running cost: the Euler-Maruyama discretisation of the cost integral.
-    costs = jax.vmap(problem.cost, in_axes=(0, None))(states[:-1], theta) * system.dt
+    costs = jax.vmap(problem.step_cost, in_axes=(0, None))(states[:-1], theta)
     lps = jax.vmap(system.log_prob, in_axes=(0, 0, 0, None))(
         ts[:-1], jax.lax.stop_gradient(states[:-1]), jax.lax.stop_gradient(states[1:]), theta
     )

@@ -206,7 +206,7 @@ class Score(AbstractEstimator):
 
         def surrogate(theta, states, alive, advantage, terminal_weight):
             lp = _transition_log_probs(problem.system, states, theta)
-            costs = jax.vmap(problem.cost, in_axes=(0, None))(states[:-1], theta)
+            costs = jax.vmap(problem.step_cost, in_axes=(0, None))(states[:-1], theta)
             value = jnp.where(alive[:-1], costs, 0.0) @ traj.step_weights
             value = value + jnp.sum(jnp.where(alive[:-1], lp, 0.0) * advantage)
             if problem.terminal_cost is not None:

@@ -216,7 +216,7 @@ def concatenate_batches(batches: list[LoggedBatch]) -> LoggedBatch:
 # ------------------------------------------------------------------------------------------------- weights
 def _costs(problem: Problem, theta, batch: LoggedBatch):
     """``L(x_t, theta)`` on recorded steps (0 elsewhere), ``(n, H)``."""
-    c = jax.vmap(jax.vmap(problem.cost, in_axes=(0, None)), in_axes=(0, None))(batch.states[:, :-1], theta)
+    c = jax.vmap(jax.vmap(problem.step_cost, in_axes=(0, None)), in_axes=(0, None))(batch.states[:, :-1], theta)
     return jnp.where(batch.valid, c, 0.0)
 
 
@@ -402,7 +402,7 @@ def _per_episode(problem, theta, batch, baseline, clip, normalize, weight_norm=N
 
     def surrogate(theta, states, valid, adv, wl, end, tw, w_end):
         lp = jnp.where(valid, _transition_log_probs(problem.system, states, theta), 0.0)
-        c = jnp.where(valid, jax.vmap(problem.cost, in_axes=(0, None))(states[:-1], theta), 0.0)
+        c = jnp.where(valid, jax.vmap(problem.step_cost, in_axes=(0, None))(states[:-1], theta), 0.0)
         out = jnp.sum(wl * c) + jnp.sum(lp * adv)
         if problem.terminal_cost is not None:
             out = out + jax.lax.stop_gradient(tw * w_end) * problem.terminal_cost(states[end], theta)

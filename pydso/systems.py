@@ -480,6 +480,14 @@ class Problem(eqx.Module):
         if theta_example is not None:
             self.check_theta(theta_example)
 
+    def step_cost(self, x: jax.Array, theta: PyTree) -> jax.Array:
+        r"""The cost of one recorded step from state ``x`` as it enters the objective: :math:`L(x,\theta)` for
+        discrete-time chains, :math:`L(x,\theta)\,dt` for :class:`SDESystem` (the Euler–Maruyama rule of its
+        running-cost integral). Every estimator that re-evaluates step costs on fixed states uses this, so that
+        it agrees with the rollout's objective. (ODE costs are interval integrals computed by the solver.)"""
+        c = self.cost(x, theta)
+        return c * self.system.dt if isinstance(self.system, SDESystem) else c
+
     @property
     def state_shape(self) -> tuple[int, ...]:
         return tuple(jax.eval_shape(self.initial.sample, jax.random.key(0)).shape)

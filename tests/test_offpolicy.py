@@ -153,3 +153,17 @@ def test_value_network_fit():
         )
         fitted = np.asarray(jax.vmap(fit)(jnp.arange(S)))
         assert np.max(np.abs(fitted - exact_v)) < 0.1 * np.ptp(exact_v) + 0.1, (method, fitted, exact_v)
+
+
+def test_offpolicy_objective_on_sde_logs_equals_the_rollout_objective():
+    # At the behaviour parameters every weight is 1: the IS objective must be the rollout's own objective,
+    # which for an SDE integrates the running cost as L dt per step.
+    problem = pydso.Problem(
+        pydso.SDESystem(lambda t, x, a: -a * x, lambda t, x, a: 0.4, dt=0.1),
+        lambda x, a: jnp.sum(x**2),
+        pydso.FiniteHorizon(15),
+        pydso.Normal(jnp.ones(1), 0.3),
+    )
+    traj = pydso.rollout(problem, jnp.asarray(1.0), jax.random.key(3), 64)
+    j, _ = pydso.offpolicy.offpolicy_objective(problem, jnp.asarray(1.0), traj)
+    np.testing.assert_allclose(j, float(jnp.mean(traj.objective)), rtol=1e-10)
