@@ -638,3 +638,13 @@ def test_cli_inspect_ess_option_and_errors(tmp_path, capsys, monkeypatch):
     assert "cannot import module 'no_such_mod'" in capsys.readouterr().err
     assert pydso.cli.main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_iter_chunks_never_yields_a_lone_trailing_episode_and_errors_are_problem_errors():
+    ds = batch(0, 5)
+    sizes = [c.sizes["episode"] for c in data.iter_chunks(ds, np.int64(4))]
+    assert sizes == [5]
+    assert [c.sizes["episode"] for c in data.iter_chunks(ds, 2)] == [2, 3]
+    assert issubclass(data.DatasetError, pydso.ProblemError) and pydso.DatasetError is data.DatasetError
+    with pytest.raises(pydso.ProblemError, match="episodes_per_chunk must be a positive integer"):
+        list(data.iter_chunks(ds, 0))

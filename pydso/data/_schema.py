@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .._errors import ProblemError
+
 __all__ = [
     "SCHEMA_VERSION",
     "DatasetError",
@@ -41,9 +43,9 @@ STEP_VARIABLES = ("cost", "behavior_logp", "input")
 _VALUE_CHUNK_BYTES = 64 * 2**20
 
 
-class DatasetError(ValueError):
+class DatasetError(ProblemError):
     """A trajectory dataset or store does not follow the pydso schema; the message names the variable (or
-    attribute, or path) and the problem."""
+    attribute, or path) and the problem. A :class:`pydso.ProblemError` (and so a ``ValueError``)."""
 
 
 # ------------------------------------------------------------------------------------------- validation

@@ -441,8 +441,9 @@ def iter_chunks(ds: xr.Dataset, episodes_per_chunk: int | None = None) -> Iterat
 
     **Yields:**
 
-    ``xarray.Dataset`` objects with at most ``episodes_per_chunk`` episodes each, in order; only one is
-    read into memory at a time.
+    ``xarray.Dataset`` objects of consecutive episodes, in order, at most ``episodes_per_chunk`` each — except
+    that a single trailing episode joins the chunk before it, so that every chunk of a multi-episode dataset
+    holds at least two episodes (leave-one-out baselines need them). Only one is read into memory at a time.
     """
     n = ds.sizes["episode"]
     if episodes_per_chunk is None:
@@ -453,9 +454,15 @@ def iter_chunks(ds: xr.Dataset, episodes_per_chunk: int | None = None) -> Iterat
                 break
         bounds = np.cumsum([0, *sizes]) if sizes else np.array([0, n])
     else:
-        if isinstance(episodes_per_chunk, bool) or not isinstance(episodes_per_chunk, int) or episodes_per_chunk < 1:
+        if (
+            isinstance(episodes_per_chunk, bool)
+            or not isinstance(episodes_per_chunk, int | np.integer)
+            or episodes_per_chunk < 1
+        ):
             raise DatasetError(f"episodes_per_chunk must be a positive integer, got {episodes_per_chunk!r}")
-        bounds = np.append(np.arange(0, n, episodes_per_chunk), n)
+        bounds = np.append(np.arange(0, n, int(episodes_per_chunk)), n)
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        bounds = np.delete(bounds, -2)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         sub = ds.isel(episode=slice(int(start), int(stop)))
         try:
