@@ -10,6 +10,8 @@ trajectories whatever ``chunk_size`` is.
 """
 
 import os
+import shutil
+import uuid
 from typing import Any
 
 import diffrax
@@ -321,9 +323,11 @@ def rollout(
             Chunks share one compiled shape (the last one is padded).
         progress: show a progress bar over chunks (default: only for several chunks on a TTY).
         check: raise :class:`~pydso.DivergenceError` if a state is non-finite (a diverging or failed solve).
-        record: path of a :mod:`pydso.data` zarr store. Each chunk is written as soon as it is simulated (the
-            store is created, or appended to if it exists) with the behaviour log-density of every transition,
-            and is not kept in memory, so ``n`` may exceed memory. A chunk that diverges is not written.
+        record: path of a :mod:`pydso.data` zarr store. Each chunk is written as soon as it is simulated, with
+            the behaviour log-density of every transition, and is not kept in memory, so ``n`` may exceed memory.
+            Chunks go to a hidden staging store first; only a complete recording is committed (renamed into
+            place, or appended to an existing store as one atomic part), so a divergence or an interruption
+            leaves the store exactly as it was.
 
     Returns:
         :class:`Trajectories` with leading dimension ``n``; with ``record``, the store opened lazily
@@ -335,26 +339,48 @@ def rollout(
     keys = episode_keys(key, n)
     chunk = min(n if chunk_size is None else _check_n(chunk_size, "chunk_size"), n)
     n_chunks = -(-n // chunk)
+    staging = _staging_path(record) if record is not None else None
     pieces = []
-    for i in progress_bar(range(n_chunks), total=n_chunks, desc="rollout", enable=progress if n_chunks > 1 else False):
-        k = keys[i * chunk : (i + 1) * chunk]
-        pad = chunk - k.shape[0]
-        if pad:
-            k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (pad,))])
-        piece = _rollout_chunk(problem, theta, shard_episodes(k))
-        if pad:
-            piece = _take(piece, slice(0, chunk - pad))
-        if check:
-            _check_finite_states(piece, offset=i * chunk, n=n)
-        if record is not None:
-            _record(piece, problem, theta, record)
-        else:
-            pieces.append(piece if n_chunks == 1 else jax.device_get(piece))
-    if record is not None:
-        from . import data
-
-        return data.open(record)
+    try:
+        for i in progress_bar(
+            range(n_chunks), total=n_chunks, desc="rollout", enable=progress if n_chunks > 1 else False
+        ):
+            k = keys[i * chunk : (i + 1) * chunk]
+            pad = chunk - k.shape[0]
+            if pad:
+                k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (pad,))])
+            piece = _rollout_chunk(problem, theta, shard_episodes(k))
+            if pad:
+                piece = _take(piece, slice(0, chunk - pad))
+            if check:
+                _check_finite_states(piece, offset=i * chunk, n=n)
+            if staging is not None:
+                _record(piece, problem, theta, staging)
+            else:
+                pieces.append(piece if n_chunks == 1 else jax.device_get(piece))
+        if staging is not None:
+            return _commit_recording(staging, record)
+    finally:
+        if staging is not None and os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
     return pieces[0] if n_chunks == 1 else _concatenate(pieces)
+
+
+def _staging_path(path) -> str:
+    """A hidden sibling of ``path`` where a recording is written before it is committed."""
+    path = os.path.abspath(os.fspath(path))
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.recording-{uuid.uuid4().hex[:12]}")
+
+
+def _commit_recording(staging: str, path):
+    """Make a complete recording visible at once: rename it into place (new store) or append it as one part."""
+    from . import data
+
+    if os.path.exists(path):
+        data.append(path, data.open(staging))
+    else:
+        os.replace(staging, path)
+    return data.open(path)
 
 
 def _check_finite_states(traj: "Trajectories", offset: int, n: int) -> None:

@@ -258,3 +258,30 @@ def test_sde_fast_path_equals_diffrax_euler_maruyama_on_the_same_increments():
     )
     assert not reference.system.uses_fastpath
     assert pydso.rollout(reference, a, KEY, 3).states.shape == traj.states.shape
+
+
+def test_recording_is_all_or_nothing_when_a_later_chunk_diverges(tmp_path):
+    # x' = x^3 + noise from x0 ~ U[0, 1.3]: episodes starting above ~1 blow up. Choose the chunk size so that
+    # the first chunk is finite and a later one diverges.
+    problem = pydso.Problem(
+        pydso.GaussianChain(lambda x, th: th * x**3, 1e-3),
+        lambda x, th: jnp.sum(x**2),
+        pydso.Episodic(1.0, 40),
+        pydso.Uniform([0.0], [2.0]),
+    )
+    for seed in range(20):  # deterministic search for a key whose first episode is fine but not all are
+        key = jax.random.key(seed)
+        free = pydso.rollout(problem, 1.0, key, 12, check=False)
+        finite = np.isfinite(np.asarray(free.states)).all(axis=(1, 2))
+        if finite[0] and not finite.all():
+            break
+    first_bad = int(np.argmin(finite))
+    assert not finite.all() and first_bad > 0, finite
+    path = tmp_path / "log.zarr"
+    pydso.rollout(problem, 0.1, jax.random.key(99), 2, record=path)  # an existing store with 2 good episodes
+    before = pydso.data.open(path)["state"].values
+    with pytest.raises(pydso.DivergenceError):
+        pydso.rollout(problem, 1.0, key, 12, chunk_size=first_bad, record=path)
+    after = pydso.data.open(path)
+    np.testing.assert_array_equal(after["state"].values, before)
+    assert [p.name for p in tmp_path.iterdir()] == ["log.zarr"]  # no staging left behind
