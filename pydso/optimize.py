@@ -104,6 +104,7 @@ def _save_checkpoint(path: str, state: dict) -> None:
         "step": state["step"],
         "best_objective": state["best_objective"],
         "key": np.asarray(jax.random.key_data(state["key"])).tolist(),
+        "fingerprint": state["fingerprint"],
         "signature": {k: _tree_structure_signature(state[k]) for k in ("theta", "opt_state")},
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -119,7 +120,13 @@ def _save_checkpoint(path: str, state: dict) -> None:
             os.remove(tmp)
 
 
-def _load_checkpoint(path: str, template: dict, key: jax.Array) -> dict:
+def _describe(estimator) -> str:
+    """A process-independent description of an estimator (its class and its baseline's class, if any)."""
+    baseline = getattr(estimator, "baseline", None)
+    return type(estimator).__name__ + (f"({type(baseline).__name__})" if baseline is not None else "")
+
+
+def _load_checkpoint(path: str, template: dict, key: jax.Array, fingerprint: dict) -> dict:
     try:
         with np.load(path) as data:
             arrays = {k: data[k] for k in data.files}
@@ -140,6 +147,14 @@ def _load_checkpoint(path: str, template: dict, key: jax.Array) -> dict:
         raise ProblemError(
             f"checkpoint {path!r} was written by a run with a different key; pass the same key to resume, "
             "or delete the checkpoint to start afresh"
+        )
+    stored = meta.get("fingerprint", {})
+    changed = {k: (stored.get(k), v) for k, v in fingerprint.items() if stored.get(k) != v}
+    if changed:
+        what = ", ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in changed.items())
+        raise ProblemError(
+            f"checkpoint {path!r} does not match this run ({what}); resume with the same settings, or delete the "
+            "checkpoint to start afresh"
         )
     out = {"step": meta["step"], "best_objective": meta["best_objective"]}
     for name in ("theta", "opt_state", "best_theta"):
@@ -211,15 +226,21 @@ def minimize(
 
     theta = jax.tree.map(jnp.asarray, theta0)
     opt_state = optimizer.init(theta)
+    fingerprint = {"n": n, "estimator": _describe(estimator), "problem": problem.name}
     start, best_theta, best_obj = 0, theta, float("inf")
     history: dict[str, list] = {"objective": [], "objective_stderr": [], "grad_norm": []}
     checkpoint = None if checkpoint is None else os.fspath(checkpoint)
     if checkpoint is not None and os.path.exists(checkpoint):
-        state = _load_checkpoint(checkpoint, {"theta": theta, "opt_state": opt_state}, key)
+        state = _load_checkpoint(checkpoint, {"theta": theta, "opt_state": opt_state}, key, fingerprint)
         start, theta, opt_state = state["step"], state["theta"], state["opt_state"]
         best_theta, best_obj, history = state["best_theta"], state["best_objective"], state["history"]
 
-    def save(step):
+    # Everything a checkpoint needs is replaced as ONE tuple after each step, so an interruption can never
+    # pair the parameters of one step with the step counter of another (resume stays bit-identical).
+    committed = (theta, opt_state, best_theta, best_obj, start)
+
+    def save(state):
+        theta, opt_state, best_theta, best_obj, done = state
         if checkpoint is not None:
             _save_checkpoint(
                 checkpoint,
@@ -228,57 +249,56 @@ def minimize(
                     "opt_state": opt_state,
                     "best_theta": best_theta,
                     "best_objective": best_obj,
-                    "history": history,
-                    "step": step,
+                    "history": {name: values[:done] for name, values in history.items()},
+                    "step": done,
                     "key": key,
+                    "fingerprint": fingerprint,
                 },
             )
 
     message = f"completed {steps} steps"
-    k = start
     bar = progress_bar(range(start, steps), total=steps, initial=start, desc="minimize", enable=progress)
     try:
         for k in bar:
+            theta, opt_state, best_theta, best_obj, _ = committed
             new_theta, new_opt_state, obj, obj_se, gnorm, finite_theta = _step(
                 estimator, problem, optimizer, n, key, theta, opt_state, jnp.asarray(k)
             )
             obj, obj_se, gnorm, finite_theta = float(obj), float(obj_se), float(gnorm), bool(finite_theta)
             if not (np.isfinite(obj) and np.isfinite(gnorm) and finite_theta):
-                save(k)
+                save(committed)
                 what = "objective" if not np.isfinite(obj) else "gradient" if not np.isfinite(gnorm) else "theta"
                 raise DivergenceError(
                     f"minimize diverged at step {k}: the {what} became non-finite (objective={obj}, "
                     f"grad_norm={gnorm}). Lower the learning rate, clip gradients (optax.clip_by_global_norm), "
                     "shorten the horizon or lower gamma. The best parameters are attached as .best_theta.",
                     best_theta=best_theta,
-                    history={k_: np.asarray(v) for k_, v in history.items()},
+                    history={name: np.asarray(v[:k]) for name, v in history.items()},
                 )
             if obj < best_obj:
                 best_obj, best_theta = obj, theta
-            theta, opt_state = new_theta, new_opt_state
-            history["objective"].append(obj)
-            history["objective_stderr"].append(obj_se)
-            history["grad_norm"].append(gnorm)
+            for name, value in (("objective", obj), ("objective_stderr", obj_se), ("grad_norm", gnorm)):
+                del history[name][k:]
+                history[name].append(value)
+            committed = (new_theta, new_opt_state, best_theta, best_obj, k + 1)
             bar.set_postfix(J=f"{obj:.4g}", refresh=False)
             if (k + 1) % checkpoint_every == 0:
-                save(k + 1)
-            if callback is not None and callback(StepInfo(k, theta, obj, obj_se, gnorm)):
+                save(committed)
+            if callback is not None and callback(StepInfo(k, new_theta, obj, obj_se, gnorm)):
                 message = f"stopped by callback after step {k}"
-                k += 1
                 break
-        else:
-            k = steps
     except KeyboardInterrupt:
-        save(len(history["objective"]))
+        save(committed)
         raise
     finally:
         bar.close()
-    save(k)
+    save(committed)
+    theta, opt_state, best_theta, best_obj, done = committed
     return OptimizeResult(
         theta=theta,
         best_theta=best_theta,
         best_objective=best_obj,
-        history={name: np.asarray(v) for name, v in history.items()},
-        steps=len(history["objective"]),
+        history={name: np.asarray(v[:done]) for name, v in history.items()},
+        steps=done,
         message=message,
     )

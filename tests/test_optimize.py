@@ -49,6 +49,23 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(resumed.history["objective"], full.history["objective"])
 
 
+def test_keyboard_interrupt_saves_the_committed_step_and_resume_is_bit_identical(tmp_path):
+    problem = LQR.problem()
+    kwargs = dict(key=jax.random.key(4), steps=10, n=16, optimizer=optax.adam(0.05), checkpoint_every=100)
+    full = pydso.minimize(problem, jnp.zeros((1, 2)), **kwargs)
+
+    def ctrl_c_at_step_6(info):
+        if info.step == 6:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "run.npz"
+    with pytest.raises(KeyboardInterrupt):
+        pydso.minimize(problem, jnp.zeros((1, 2)), checkpoint=path, callback=ctrl_c_at_step_6, **kwargs)
+    resumed = pydso.minimize(problem, jnp.zeros((1, 2)), checkpoint=path, **kwargs)
+    np.testing.assert_array_equal(np.asarray(resumed.theta), np.asarray(full.theta))
+    np.testing.assert_array_equal(resumed.history["objective"], full.history["objective"])
+
+
 def test_resume_refuses_a_checkpoint_of_another_structure(tmp_path):
     path = tmp_path / "run.npz"
     pydso.minimize(LQR.problem(), jnp.zeros((1, 2)), key=jax.random.key(0), steps=2, n=8, checkpoint=path)
@@ -61,6 +78,14 @@ def test_resume_refuses_a_checkpoint_of_another_structure(tmp_path):
             n=8,
             checkpoint=path,
             optimizer=optax.sgd(0.1, momentum=0.9),
+        )
+    with pytest.raises(pydso.ProblemError, match="n: checkpoint 8, this run 16"):
+        pydso.minimize(LQR.problem(), jnp.zeros((1, 2)), key=jax.random.key(0), steps=4, n=16, checkpoint=path)
+    with pytest.raises(
+        pydso.ProblemError, match="estimator: checkpoint 'Pathwise', this run 'Score\\(MeanBaseline\\)'"
+    ):
+        pydso.minimize(
+            LQR.problem(), jnp.zeros((1, 2)), key=jax.random.key(0), steps=4, n=8, checkpoint=path, estimator="score"
         )
     with pytest.raises(pydso.ProblemError, match="different key"):
         pydso.minimize(LQR.problem(), jnp.zeros((1, 2)), key=jax.random.key(1), steps=4, n=8, checkpoint=path)
