@@ -22,6 +22,7 @@ from . import proximal as proximal  # noqa: E402
 from . import systems as systems  # noqa: E402
 from ._errors import DivergenceError as DivergenceError  # noqa: E402
 from ._errors import ProblemError as ProblemError  # noqa: E402
+from ._solvers import RK4 as RK4  # noqa: E402
 from .data import DatasetError as DatasetError  # noqa: E402
 from .engine import Trajectories as Trajectories  # noqa: E402
 from .engine import rollout as rollout  # noqa: E402

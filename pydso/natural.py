@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ._errors import ProblemError
-from .estimators import Estimate, SDESystem
+from .estimators import Estimate
 from .offpolicy import (
     LoggedBatch,
     _baseline_values,
@@ -41,7 +41,7 @@ from .offpolicy import (
     as_batch,
     offpolicy_gradient,
 )
-from .systems import Problem
+from .systems import Problem, SDESystem
 
 PyTree = Any
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._errors import ProblemError
+from ._solvers import fixed_step_applies
 
 PyTree = Any
 
@@ -199,9 +200,7 @@ class ODESystem(AbstractSystem):
         if self.integrator not in ("auto", "fastpath", "diffrax"):
             raise ProblemError(f"ODESystem.integrator must be 'auto', 'fastpath' or 'diffrax', got {self.integrator!r}")
         if self.integrator == "fastpath":
-            from ._fastpath import supports
-
-            if not supports(self):
+            if not fixed_step_applies(self.solver, self.stepsize_controller, self.adjoint):
                 raise ProblemError(
                     "ODESystem.integrator='fastpath' needs diffrax.ConstantStepSize, an explicit Runge-Kutta solver "
                     "and RecursiveCheckpointAdjoint/DirectAdjoint; use 'auto' or 'diffrax' for this system"
@@ -212,9 +211,7 @@ class ODESystem(AbstractSystem):
         """Whether simulations of this system run on the fixed-step fast path (see ``integrator``)."""
         if self.integrator == "diffrax":
             return False
-        from ._fastpath import supports
-
-        return supports(self)
+        return fixed_step_applies(self.solver, self.stepsize_controller, self.adjoint)
 
 
 class SDESystem(AbstractSystem):
