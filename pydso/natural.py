@@ -158,13 +158,16 @@ def natural_gradient_direction(
     batch = as_batch(data, problem)
     est = offpolicy_gradient(problem, theta, batch, baseline=baseline, clip=weight_clip)
     g = est.gradient if gradient is None else gradient
-    fvp = batch_fisher_vector_product(problem, theta, batch, weight_clip=weight_clip)
-    direction, info = _jit_cg(fvp, g, damping, cg_iters)
+    direction, info = _solve_natural(problem, theta, batch, g, weight_clip, damping, cg_iters)
     return direction, est, info
 
 
 @eqx.filter_jit
-def _jit_cg(fvp, g, damping, iters):
+def _solve_natural(problem, theta, batch, g, weight_clip, damping, iters):
+    """CG on the batch Fisher, built inside one compiled function: the FVP closure is created under the trace,
+    so repeated calls (one per natural-gradient step) reuse the compilation instead of keying it on a new
+    Python closure each time."""
+    fvp = batch_fisher_vector_product(problem, theta, batch, weight_clip=weight_clip)
     return conjugate_gradient(fvp, g, damping=damping, iters=iters)
 
 
