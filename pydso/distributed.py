@@ -96,12 +96,12 @@ def _load(path: str) -> xr.Dataset:
         from pydso.data import open as open_dataset
     except ImportError:  # pragma: no cover - fallback while pydso.data is incomplete
         open_dataset = None
-    if open_dataset is not None:
-        try:
-            return open_dataset(path).load()
-        except Exception:  # noqa: BLE001 - a plain zarr store without the pydso manifest
-            pass
-    return xr.open_zarr(path).load()
+    if open_dataset is not None and os.path.exists(os.path.join(path, "pydso.json")):
+        return open_dataset(path).load()  # a pydso store: its errors (corrupt, foreign parts) are the real ones
+    try:
+        return xr.open_zarr(path).load()  # a plain zarr store written by xarray
+    except Exception as e:  # noqa: BLE001 - report the path, not zarr's internals
+        raise ValueError(f"dataset {path!r} is neither a pydso store nor a readable zarr store: {e}") from None
 
 
 def _experiments(data, by: str | None) -> list[tuple[str, Any, int | None]]:
@@ -265,8 +265,23 @@ def _save(ds: xr.Dataset, out: str) -> None:
         shutil.rmtree(old)
 
 
+def _recover(out: str) -> None:
+    """Finish an interrupted :func:`_save`: if ``out`` is missing but its previous version was moved aside,
+    put that version back, so a crash during the swap never loses finished results."""
+    if os.path.exists(out):
+        return
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    name = os.path.basename(os.path.abspath(out))
+    old = sorted(
+        (os.path.join(parent, f) for f in os.listdir(parent) if f.startswith(f"{name}.old-")), key=os.path.getmtime
+    )
+    if old:
+        os.replace(old[-1], out)
+
+
 def open_results(out: str) -> xr.Dataset:
-    """Open a results store written by :func:`fit_many`."""
+    """Open a results store written by :func:`fit_many` (recovering it if a save was interrupted)."""
+    _recover(out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return xr.open_zarr(out).load()
@@ -343,6 +358,8 @@ def fit_many(
             on_result,
         )
     done: dict[str, dict] = {}
+    if out is not None:
+        _recover(out)
     if out is not None and resume and os.path.exists(out):
         for r in _dataset_to_records(open_results(out)):
             if r["status"] != "failed" or not retry_failed:
@@ -433,6 +450,8 @@ def _fit_many_joint(
     from ._progress import progress_bar
 
     ids = [e[0] for e in exps]
+    if out is not None:
+        _recover(out)
     if out is not None and resume and os.path.exists(out):
         stored = open_results(out)
         same = (

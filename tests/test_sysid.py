@@ -357,3 +357,16 @@ def test_silverbox_csv_reads():
 
 def test_results_dir_is_clean():
     assert os.path.isdir(REPO / "pydso" / "problems")
+
+
+def test_results_store_is_recovered_after_a_crash_during_the_swap(tmp_path):
+    import xarray as xr
+
+    from pydso import distributed
+
+    out = str(tmp_path / "results.zarr")
+    ds = xr.Dataset({"estimate": ("experiment", np.arange(3.0))}, coords={"experiment": ["a", "b", "c"]})
+    distributed._save(ds, out)
+    os.replace(out, f"{out}.old-12345")  # a crash between moving the old store aside and renaming the new one
+    recovered = distributed.open_results(out)
+    np.testing.assert_array_equal(recovered["estimate"].values, np.arange(3.0))
