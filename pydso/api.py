@@ -153,8 +153,8 @@ def policy_iteration(
             new = as_batch(traj, problem)
             batches = [*batches, new] if reuse else [new]
         batch = batches[0] if len(batches) == 1 else concatenate_batches(batches)
-        V = fit_value_linear(problem, theta, batch, features, method=evaluate, lam=lam, clip=weight_clip)
-        J, J_se = offpolicy_objective(problem, theta, batch, clip=weight_clip)
+        V = fit_value_linear(problem, theta, batch, features, method=evaluate, lam=lam, weight_clip=weight_clip)
+        J, J_se = offpolicy_objective(problem, theta, batch, weight_clip=weight_clip)
         ess = ess_report(problem, theta, batch, warn_below=None)["episode"]
         hist["objective"].append(J)
         hist["objective_stderr"].append(J_se)

@@ -156,7 +156,7 @@ def natural_gradient_direction(
 
     Returns ``(direction, gradient_estimate, cg_info)``."""
     batch = as_batch(data, problem)
-    est = offpolicy_gradient(problem, theta, batch, baseline=baseline, clip=weight_clip)
+    est = offpolicy_gradient(problem, theta, batch, baseline=baseline, weight_clip=weight_clip)
     g = est.gradient if gradient is None else gradient
     direction, info = _solve_natural(problem, theta, batch, g, weight_clip, damping, cg_iters)
     return direction, est, info

@@ -21,7 +21,7 @@ its score gradient (DESIGN.md §1.1 with IS) is
 with :math:`s_t = \nabla \log P(x_{t+1} \mid x_t, \theta)` and any baseline :math:`b_t` that does not depend on
 the episode's own future (:math:`E_B[W_{t+1} s_t b_t] = E_\theta[s_t]\,b_t = 0`).
 
-Variants: ``clip=c`` truncates the cumulative weights, :math:`\min(W_t, c)` (truncated IS, Ionides 2008: bias for
+Variants: ``weight_clip=c`` truncates the cumulative weights, :math:`\min(W_t, c)` (truncated IS, Ionides 2008: bias for
 bounded variance); ``normalize=True`` uses the *weighted* (self-normalised) per-decision weights
 :math:`W_t / \frac1n\sum_i W^{(i)}_t` (Precup et al. 2000, consistent, biased, usually far lower variance).
 :func:`effective_sample_size` :math:`(\sum w)^2/\sum w^2` (Kong 1992) diagnoses weight degeneracy.
@@ -245,20 +245,20 @@ def log_ratios(problem: Problem, theta: PyTree, batch: LoggedBatch) -> jax.Array
 
 
 def importance_weights(
-    log_ratio: jax.Array, *, clip: float | None = None, normalize: bool = False, per_decision: bool = True
+    log_ratio: jax.Array, *, weight_clip: float | None = None, normalize: bool = False, per_decision: bool = True
 ) -> jax.Array:
     r"""Cumulative importance weights :math:`W_t = \prod_{j<t} r_j`, shape ``(n, H+1)`` from ``(n, H)`` log-ratios.
 
     ``per_decision=False`` gives the ordinary (whole-trajectory) weight :math:`W_H` at every ``t``.
-    ``clip=c`` truncates: :math:`\min(W_t, c)`. ``normalize=True`` self-normalises each time step over the
+    ``weight_clip=c`` truncates: :math:`\min(W_t, c)`. ``normalize=True`` self-normalises each time step over the
     episodes, :math:`W_t/\overline{W_t}` (weighted per-decision IS, Precup et al. 2000).
     """
     n = log_ratio.shape[0]
     logw = jnp.concatenate([jnp.zeros((n, 1), log_ratio.dtype), jnp.cumsum(log_ratio, axis=1)], axis=1)
     if not per_decision:
         logw = jnp.broadcast_to(logw[:, -1:], logw.shape)
-    if clip is not None:
-        logw = jnp.minimum(logw, jnp.log(clip))
+    if weight_clip is not None:
+        logw = jnp.minimum(logw, jnp.log(weight_clip))
     w = jnp.exp(logw)
     if normalize:
         w = w / jnp.mean(w, axis=0, keepdims=True)
@@ -316,8 +316,8 @@ class _Sums(eqx.Module):
 
 
 @eqx.filter_jit
-def _ess_stats(problem, theta, batch, clip):
-    w = importance_weights(log_ratios(problem, theta, batch), clip=clip)
+def _ess_stats(problem, theta, batch, weight_clip):
+    w = importance_weights(log_ratios(problem, theta, batch), weight_clip=weight_clip)
     return jnp.sum(w, 0), jnp.sum(w**2, 0), jnp.sum(w[:, -1]), jnp.sum(w[:, -1] ** 2)
 
 
@@ -326,7 +326,7 @@ def ess_report(
     theta: PyTree,
     data,
     *,
-    clip: float | None = None,
+    weight_clip: float | None = None,
     warn_below: float | None = 0.05,
     episodes_per_chunk: int | None = None,
 ) -> dict[str, Any]:
@@ -339,7 +339,7 @@ def ess_report(
     tot = None
     n = 0
     for batch in iter_batches(data, problem, episodes_per_chunk):
-        s = _ess_stats(problem, theta, batch, clip)
+        s = _ess_stats(problem, theta, batch, weight_clip)
         tot = s if tot is None else tuple(a + b for a, b in zip(tot, s, strict=True))
         n += batch.n_episodes
     s1, s2, e1, e2 = (np.asarray(a) for a in tot)
@@ -360,10 +360,10 @@ def _value_baseline(value_fn, problem, theta, batch, costs):
     return batch.step_weights * (jax.lax.stop_gradient(v) - costs)
 
 
-def _is_terms(problem, theta, batch, clip, normalize, weight_norm=None):
+def _is_terms(problem, theta, batch, weight_clip, normalize, weight_norm=None):
     """Per-decision weights ``W`` (n, H+1), costs, the IS cost-to-go ``C^W`` (n, H+1) and objective (n,)."""
     lr = jax.lax.stop_gradient(log_ratios(problem, theta, batch))
-    W = importance_weights(lr, clip=clip)
+    W = importance_weights(lr, weight_clip=weight_clip)
     if normalize:
         norm = jnp.mean(W, axis=0, keepdims=True) if weight_norm is None else weight_norm
         W = W / norm
@@ -394,8 +394,8 @@ def _baseline_values(baseline, problem, theta, batch, W, costs, C):
     raise ProblemError(f"baseline must be None, 'mean' or a callable V(x, theta), got {type(baseline).__name__}")
 
 
-def _per_episode(problem, theta, batch, baseline, clip, normalize, weight_norm=None):
-    W, W_end, costs, C, obj = _is_terms(problem, theta, batch, clip, normalize, weight_norm)
+def _per_episode(problem, theta, batch, baseline, weight_clip, normalize, weight_norm=None):
+    W, W_end, costs, C, obj = _is_terms(problem, theta, batch, weight_clip, normalize, weight_norm)
     b = _baseline_values(baseline, problem, theta, batch, W, costs, C)
     adv = jax.lax.stop_gradient(C[:, 1:] - W[:, 1:] * b)
     wL = jax.lax.stop_gradient(batch.step_weights * W[:, :-1])
@@ -415,14 +415,14 @@ def _per_episode(problem, theta, batch, baseline, clip, normalize, weight_norm=N
 
 
 @eqx.filter_jit
-def _gradient_sums(problem, theta, batch, baseline, clip, normalize, weight_norm):
-    grads, obj = _per_episode(problem, theta, batch, baseline, clip, normalize, weight_norm)
+def _gradient_sums(problem, theta, batch, baseline, weight_clip, normalize, weight_norm):
+    grads, obj = _per_episode(problem, theta, batch, baseline, weight_clip, normalize, weight_norm)
     return _Sums.of(grads), _Sums.of(obj)
 
 
 @eqx.filter_jit
-def _weight_sums(problem, theta, batch, clip):
-    return jnp.sum(importance_weights(log_ratios(problem, theta, batch), clip=clip), axis=0)
+def _weight_sums(problem, theta, batch, weight_clip):
+    return jnp.sum(importance_weights(log_ratios(problem, theta, batch), weight_clip=weight_clip), axis=0)
 
 
 def offpolicy_gradient(
@@ -431,7 +431,7 @@ def offpolicy_gradient(
     data,
     *,
     baseline: "str | Callable | None" = "mean",
-    clip: float | None = None,
+    weight_clip: float | None = None,
     normalize: bool = False,
     episodes_per_chunk: int | None = None,
 ) -> Estimate:
@@ -445,7 +445,7 @@ def offpolicy_gradient(
         baseline: ``"mean"`` (leave-one-out self-normalised mean of :math:`\hat G_{t+1}` over the *other*
             episodes of the chunk: unbiased), ``None``, or a value function ``V(x, theta)`` giving
             :math:`b_t = w_t(V(x_t) - L(x_t))`.
-        clip: truncate the cumulative weights at ``clip`` (biased, bounded variance).
+        weight_clip: truncate the cumulative weights at ``weight_clip`` (biased, bounded variance).
         normalize: self-normalised (weighted) per-decision weights (biased, consistent).
         episodes_per_chunk: chunk size when streaming a dataset.
 
@@ -463,13 +463,13 @@ def offpolicy_gradient(
     if normalize:
         tot, n = None, 0
         for batch in iter_batches(data, problem, episodes_per_chunk):
-            s = _weight_sums(problem, theta, batch, clip)
+            s = _weight_sums(problem, theta, batch, weight_clip)
             tot = s if tot is None else tot + s
             n += batch.n_episodes
         weight_norm = (tot / n)[None, :]
     gsum = osum = None
     for batch in iter_batches(data, problem, episodes_per_chunk):
-        g, o = _gradient_sums(problem, theta, batch, baseline, clip, normalize, weight_norm)
+        g, o = _gradient_sums(problem, theta, batch, baseline, weight_clip, normalize, weight_norm)
         gsum = g if gsum is None else gsum + g
         osum = o if osum is None else osum + o
     grad, grad_se = gsum.mean_stderr()
@@ -478,11 +478,17 @@ def offpolicy_gradient(
 
 
 def offpolicy_objective(
-    problem: Problem, theta: PyTree, data, *, clip=None, normalize=False, episodes_per_chunk=None
+    problem: Problem, theta: PyTree, data, *, weight_clip=None, normalize=False, episodes_per_chunk=None
 ) -> tuple[float, float]:
     r"""Per-decision IS estimate of :math:`J(\theta)` and its standard error from logged data."""
     est = offpolicy_gradient(
-        problem, theta, data, baseline=None, clip=clip, normalize=normalize, episodes_per_chunk=episodes_per_chunk
+        problem,
+        theta,
+        data,
+        baseline=None,
+        weight_clip=weight_clip,
+        normalize=normalize,
+        episodes_per_chunk=episodes_per_chunk,
     )
     return float(est.objective), float(est.objective_stderr)
 
@@ -518,11 +524,11 @@ def _absorbed(problem, batch):
     return hit & batch.valid
 
 
-def _td_inputs(problem, theta, batch, clip, weighting):
+def _td_inputs(problem, theta, batch, weight_clip, weighting):
     lr = log_ratios(problem, theta, batch)
     r = jnp.exp(lr)
-    if clip is not None:
-        r = jnp.minimum(r, clip)
+    if weight_clip is not None:
+        r = jnp.minimum(r, weight_clip)
     costs = _costs(problem, theta, batch)
     absorbed = _absorbed(problem, batch)
     if problem.terminal_cost is not None:
@@ -537,7 +543,7 @@ def _td_inputs(problem, theta, batch, clip, weighting):
     elif weighting == "behavior":
         d = jnp.broadcast_to(batch.step_weights / batch.step_weights[0], costs.shape)
     elif weighting == "target":
-        W = importance_weights(lr, clip=clip)[:, :-1]
+        W = importance_weights(lr, weight_clip=weight_clip)[:, :-1]
         d = W * batch.step_weights / batch.step_weights[0]
     else:
         raise ProblemError(f"state_weighting must be 'behavior', 'target' or 'uniform', got {weighting!r}")
@@ -545,8 +551,8 @@ def _td_inputs(problem, theta, batch, clip, weighting):
 
 
 @eqx.filter_jit
-def _lstd_stats(problem, theta, batch, features, gamma, lam, clip, weighting, method):
-    r, costs, absorbed, term, d = _td_inputs(problem, theta, batch, clip, weighting)
+def _lstd_stats(problem, theta, batch, features, gamma, lam, weight_clip, weighting, method):
+    r, costs, absorbed, term, d = _td_inputs(problem, theta, batch, weight_clip, weighting)
     phi = jax.vmap(jax.vmap(features))(batch.states)  # (n, H+1, f)
     valid = batch.valid
     f = phi.shape[-1]
@@ -590,7 +596,7 @@ def fit_value_linear(
     lam: float = 0.0,
     gamma: float | None = None,
     ridge: float = 1e-8,
-    clip: float | None = None,
+    weight_clip: float | None = None,
     state_weighting: str = "behavior",
     episodes_per_chunk: int | None = None,
 ) -> LinearValue:
@@ -614,7 +620,7 @@ def fit_value_linear(
     g = _gamma(problem, gamma)
     A = b = None
     for batch in iter_batches(data, problem, episodes_per_chunk):
-        a_, b_ = _lstd_stats(problem, theta, batch, features, g, float(lam), clip, state_weighting, method)
+        a_, b_ = _lstd_stats(problem, theta, batch, features, g, float(lam), weight_clip, state_weighting, method)
         A, b = (a_, b_) if A is None else (A + a_, b + b_)
     coef = jnp.linalg.solve(A + ridge * jnp.eye(A.shape[0], dtype=A.dtype), b)
     return LinearValue(coef, features)
@@ -632,7 +638,7 @@ def fit_value_network(
     steps: int = 500,
     minibatch: int = 256,
     optimizer: optax.GradientTransformation | None = None,
-    clip: float | None = None,
+    weight_clip: float | None = None,
     target_update: int = 50,
 ) -> eqx.Module:
     r"""Fit an equinox network ``model(x) -> scalar`` to :math:`V_\theta` from in-memory logged data with optax.
@@ -645,7 +651,7 @@ def fit_value_network(
     key = check_key(key)
     g = _gamma(problem, gamma)
     batch = as_batch(data, problem)
-    r, costs, absorbed, term, d = _td_inputs(problem, theta, batch, clip, "behavior")
+    r, costs, absorbed, term, d = _td_inputs(problem, theta, batch, weight_clip, "behavior")
     x = batch.states[:, :-1].reshape((-1, *batch.states.shape[2:]))
     xn = batch.states[:, 1:].reshape((-1, *batch.states.shape[2:]))
     valid = batch.valid.reshape(-1)
@@ -659,7 +665,7 @@ def fit_value_network(
             G = jnp.where(v, c + g * rr * jnp.where(ab, tm, G_next), 0.0)
             return G, G
 
-        r2, c2, a2, t2 = _td_inputs(problem, theta, batch, clip, "behavior")[:4]
+        r2, c2, a2, t2 = _td_inputs(problem, theta, batch, weight_clip, "behavior")[:4]
         _, G = jax.lax.scan(back, jnp.zeros(c2.shape[0]), (c2.T, r2.T, a2.T, t2.T, batch.valid.T), reverse=True)
         targets_mc = G.T.reshape(-1)[idx]
     elif method != "td":

@@ -47,7 +47,7 @@ def test_weight_variants_and_baselines():
     problem, theta, behaviour = tabular(0)
     traj = pydso.rollout(problem, behaviour, jax.random.key(3), 3000)
     plain = op.offpolicy_gradient(problem, theta, traj, baseline=None)
-    huge_clip = op.offpolicy_gradient(problem, theta, traj, baseline=None, clip=1e12)
+    huge_clip = op.offpolicy_gradient(problem, theta, traj, baseline=None, weight_clip=1e12)
     assert np.allclose(jax.tree.leaves(plain.gradient)[0], jax.tree.leaves(huge_clip.gradient)[0], rtol=1e-12)
     exact_g = exact.gradient(problem, theta)
     for kwargs in (
@@ -64,7 +64,7 @@ def test_weight_variants_and_baselines():
     batch = op.as_batch(traj, problem)
     W = op.importance_weights(op.log_ratios(problem, behaviour, batch))
     assert np.allclose(W, 1.0)
-    W = op.importance_weights(op.log_ratios(problem, theta, batch), clip=2.0)
+    W = op.importance_weights(op.log_ratios(problem, theta, batch), weight_clip=2.0)
     assert np.all(W <= 2.0 + 1e-12) and np.allclose(W[:, 0], 1.0)
 
 
