@@ -179,7 +179,12 @@ def _is_dataset(data) -> bool:
 
 def as_batch(data, problem: Problem, *, behavior_logp=None) -> LoggedBatch:
     """Convert in-memory data to a :class:`LoggedBatch`: a batch (returned as is), :class:`~pydso.Trajectories`
-    (behaviour = the rollout's parameters, or the given ``behavior_logp`` ``(n, H)``), or an in-memory dataset."""
+    (behaviour = the rollout's parameters, or the given ``behavior_logp`` ``(n, H)``), or a dataset.
+
+    A lazily opened store is read into memory whole here. The functions that stream a store chunk by chunk are
+    :func:`offpolicy_gradient`, :func:`offpolicy_objective`, :func:`ess_report`, :func:`fit_value_linear` and
+    :func:`pydso.proximal.improve`; the natural-gradient functions and :func:`pydso.api.policy_iteration` call
+    this and need the logged data to fit in memory."""
     if isinstance(data, LoggedBatch):
         return data
     if isinstance(data, Trajectories):
