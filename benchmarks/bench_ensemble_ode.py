@@ -36,9 +36,9 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pydso._fastpath import RK4ThreeEighths, fixed_step_ensemble
 
 import pydso  # noqa: F401  (enables fp64)
-from pydso._fastpath import RK4ThreeEighths, fixed_step_ensemble
 
 SIGMA, RHO, BETA = 10.0, 28.0, 8.0 / 3.0
 DT, STEPS = 0.01, 1000

@@ -10,7 +10,7 @@
      (smaller steps drown in the adaptive solver's noise: with SciPy's default or 1e-5/1e-6 LM stalls near the
      initial guess).
    Both start from the same initial guess; the estimates are compared.
-2. Batch: experiments per second of ``pydso.distributed.fit_many`` on 200 small experiments (100 samples
+2. Batch: experiments per second of ``pydso.problems.sysid.fit_many`` on 200 small experiments (100 samples
    each), with 1 and 2 Dask worker processes (workers warmed up first: compile time excluded and reported
    separately), and with the in-process threaded default (1 and 2 threads, compiled once beforehand).
 
@@ -122,7 +122,7 @@ def bench_single(T=500, dt=0.05):
 def bench_batch(E=200, T=100, dt=0.1):
     from dask.distributed import Client, LocalCluster
 
-    from pydso.distributed import _fit_one, fit_many
+    from pydso.problems.sysid._batch import _fit_one, fit_many
 
     rng = np.random.default_rng(1)
     truth = {

@@ -47,7 +47,8 @@ import optax  # noqa: E402
 
 import pydso  # noqa: E402
 from pydso import data as pdata  # noqa: E402
-from pydso import offpolicy, proximal  # noqa: E402
+from pydso import estimators as offpolicy  # noqa: E402
+from pydso import optimize as proximal  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pendulum_swingup as ps  # noqa: E402  (the Pendulum-v1 physics and the MLP policy)
@@ -97,7 +98,7 @@ def lqr_problem(horizon=60):
 def record_log(problem, K_b, store, episodes=1000, seed=0):
     """Roll out ``episodes`` closed-loop episodes under the behaviour parameters ``K_b``, save them as a pydso store
     at ``store`` (overwriting) and return the store opened lazily."""
-    traj = pydso.rollout(problem, K_b, jax.random.key(seed), episodes)
+    traj = pydso.rollout(problem, K_b, key=jax.random.key(seed), n=episodes)
     pdata.save(pdata.to_dataset(traj, problem, K_b), store, overwrite=True)
     return pdata.open(store)
 
@@ -123,7 +124,7 @@ def record_rollout_log(problem, theta_b, store, episodes=PENDULUM["episodes"], s
     ``pydso.rollout(..., record=store)``; returns the store opened lazily (states, costs, behaviour log-densities)."""
     if os.path.exists(store):
         shutil.rmtree(store)
-    return pydso.rollout(problem, theta_b, jax.random.key(seed), episodes, record=store)
+    return pydso.rollout(problem, theta_b, key=jax.random.key(seed), n=episodes, record=store)
 
 
 def gym_return(static, episodes=PENDULUM["gym_episodes"], seed=1):
@@ -131,7 +132,7 @@ def gym_return(static, episodes=PENDULUM["gym_episodes"], seed=1):
     random starts of the task (compiled once)."""
     problem = ps.make_problem(static)
     key = jax.random.key(seed)
-    return lambda theta: float(-jnp.mean(jnp.sum(pydso.rollout(problem, theta, key, episodes).costs, axis=1)))
+    return lambda theta: float(-jnp.mean(jnp.sum(pydso.rollout(problem, theta, key=key, n=episodes).costs, axis=1)))
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -166,7 +167,7 @@ def improve_from_log(
     history = {name: [] for name in metrics or {}}
     n = ds.sizes["episode"]
     for it in range(iterations + 1):
-        J.append(float(jnp.mean(pydso.rollout(problem, K, jax.random.key(100 + it), eval_episodes).objective)))
+        J.append(float(jnp.mean(pydso.rollout(problem, K, key=jax.random.key(100 + it), n=eval_episodes).objective)))
         ess.append(offpolicy.ess_report(problem, K, ds, warn_below=None)["episode"])
         for name, f in (metrics or {}).items():
             history[name].append(f(K))

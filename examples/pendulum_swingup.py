@@ -162,7 +162,7 @@ def train(
 def evaluate(model: Policy, n_episodes: int = 100, seed: int = 0) -> np.ndarray:
     """Exact undiscounted 200-step Pendulum-v1 returns (``-sum of costs``) from ``n_episodes`` random starts."""
     theta, static = split(model)
-    traj = pydso.rollout(make_problem(static), theta, jax.random.key(seed), n_episodes)
+    traj = pydso.rollout(make_problem(static), theta, key=jax.random.key(seed), n=n_episodes)
     return -np.asarray(traj.costs).sum(axis=1)
 
 
@@ -175,7 +175,7 @@ def returns_from(model: Policy, x0s) -> np.ndarray:
     def run(theta, x0s):
         def one(x0):
             problem = pydso.Problem(base.system, base.cost, base.setting, pydso.Fixed(x0), name=base.name)
-            return -pydso.rollout(problem, theta, jax.random.key(0), 1, check=False).costs.sum()
+            return -pydso.rollout(problem, theta, key=jax.random.key(0), n=1, check=False).costs.sum()
 
         return jax.vmap(one)(x0s)
 
@@ -187,7 +187,7 @@ def swingup_trajectory(model: Policy):
     theta, static = split(model)
     problem = make_problem(static)
     problem = pydso.Problem(problem.system, problem.cost, problem.setting, pydso.Fixed([np.pi, 0.0]))
-    traj = pydso.rollout(problem, theta, jax.random.key(0), 1)
+    traj = pydso.rollout(problem, theta, key=jax.random.key(0), n=1)
     states = np.asarray(traj.states[0])
     torques = np.asarray(jax.vmap(model)(jnp.asarray(states[:-1])))
     return states, torques, -float(np.asarray(traj.costs).sum())
@@ -197,8 +197,8 @@ def grad_forward_ratio(model: Policy, n: int, horizon: int, gamma: float, repeat
     """Time of one jitted pathwise gradient / one jitted rollout of the same batch (after warm-up)."""
     theta, static = split(model)
     problem = make_problem(static, gamma=gamma, horizon=horizon)
-    forward = jax.jit(lambda th, k: pydso.rollout(problem, th, k, n, check=False).objective.mean())
-    gradient = jax.jit(lambda th, k: pydso.pathwise_gradient(problem, th, k, n).gradient)
+    forward = jax.jit(lambda th, k: pydso.rollout(problem, th, key=k, n=n, check=False).objective.mean())
+    gradient = jax.jit(lambda th, k: pydso.pathwise_gradient(problem, th, key=k, n=n).gradient)
 
     def best_time(f):
         jax.block_until_ready(f(theta, jax.random.key(0)))

@@ -9,20 +9,17 @@ from ._config import configure as _configure
 
 _configure()
 
-from . import api as api  # noqa: E402
+from . import backends as backends  # noqa: E402
 from . import data as data  # noqa: E402
 from . import engine as engine  # noqa: E402
 from . import estimators as estimators  # noqa: E402
 from . import exact as exact  # noqa: E402
-from . import natural as natural  # noqa: E402
-from . import offpolicy as offpolicy  # noqa: E402
 from . import optimize as optimize  # noqa: E402
 from . import problems as problems  # noqa: E402
-from . import proximal as proximal  # noqa: E402
 from . import systems as systems  # noqa: E402
 from ._errors import DivergenceError as DivergenceError  # noqa: E402
 from ._errors import ProblemError as ProblemError  # noqa: E402
-from ._solvers import RK4 as RK4  # noqa: E402
+from .backends.jax import RK4 as RK4  # noqa: E402
 from .data import DatasetError as DatasetError  # noqa: E402
 from .engine import Trajectories as Trajectories  # noqa: E402
 from .engine import rollout as rollout  # noqa: E402
@@ -53,6 +50,6 @@ from .systems import SDESystem as SDESystem  # noqa: E402
 from .systems import TabularChain as TabularChain  # noqa: E402
 from .systems import Uniform as Uniform  # noqa: E402
 
-# pydso.distributed (Dask) and pydso.cli are imported on use: `import pydso.distributed`.
+# pydso.cli and the Dask batch fits (pydso.problems.sysid.fit_many) import dask.distributed on use only.
 
 __version__ = "0.1.0"

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._checks import check_finite_tree
 from ._errors import ProblemError
-from ._solvers import fixed_step_applies
+from .backends.jax._solvers import fixed_step_applies
 
 PyTree = Any
 
@@ -55,8 +56,33 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------- systems
 class AbstractSystem(eqx.Module):
-    """A closed-loop transition law. Subclasses are final and declare three flags: ``stochastic``,
-    ``reparameterized`` (sampling differentiable in theta with the key fixed) and ``has_log_prob``."""
+    r"""A closed-loop transition law. Subclasses are final and declare three flags: ``stochastic``,
+    ``reparameterized`` (sampling differentiable in theta with the key fixed) and ``has_log_prob``.
+
+    Every system has one transition log-density signature, :meth:`log_prob` ``(t, x, x_next, theta)``, where ``t``
+    is the time of ``x`` (the step index for discrete-time chains, ``k * dt`` for ODE/SDE systems).
+    """
+
+    stochastic: eqx.AbstractClassVar[bool]
+    reparameterized: eqx.AbstractClassVar[bool]
+    has_log_prob: eqx.AbstractClassVar[bool]
+
+    @property
+    def time_step(self) -> float:
+        """The time between two recorded states: ``dt`` for continuous-time systems, 1 for chains."""
+        return getattr(self, "dt", 1)
+
+    def log_prob(self, t: jax.Array, x: jax.Array, x_next: jax.Array, theta: PyTree) -> jax.Array:
+        r""":math:`\log P(x' \mid x, \theta)` of one transition from time ``t``; the only thing the score
+        estimator needs."""
+        raise ProblemError(f"{type(self).__name__} has no transition log-density; use the pathwise estimator")
+
+    def path_log_prob(self, states: jax.Array, theta: PyTree) -> jax.Array:
+        r""":math:`\log P(x_{k+1}\mid x_k,\theta)` along one episode's states ``(H+1, ...)``, shape ``(H,)``.
+        The states are held fixed (``stop_gradient``): the result is differentiable in ``theta`` only."""
+        states = jax.lax.stop_gradient(states)
+        ts = jnp.arange(states.shape[0] - 1) * self.time_step
+        return jax.vmap(self.log_prob, in_axes=(0, 0, 0, None))(ts, states[:-1], states[1:], theta)
 
 
 class AbstractChain(AbstractSystem):
@@ -65,10 +91,6 @@ class AbstractChain(AbstractSystem):
     @abc.abstractmethod
     def sample(self, key: jax.Array, x: jax.Array, theta: PyTree) -> jax.Array:
         """Draw :math:`x' \\sim P(\\cdot\\mid x,\\theta)`; differentiable in ``theta`` if reparameterised."""
-
-    def log_prob(self, x: jax.Array, x_next: jax.Array, theta: PyTree) -> jax.Array:
-        r""":math:`\log P(x' \mid x, \theta)`, the only thing the score estimator needs."""
-        raise ProblemError(f"{type(self).__name__} has no transition log-density; use the pathwise estimator")
 
 
 class MarkovChain(AbstractChain):
@@ -88,7 +110,7 @@ class MarkovChain(AbstractChain):
     def sample(self, key, x, theta):
         return self.sample_fn(key, x, theta)
 
-    def log_prob(self, x, x_next, theta):
+    def log_prob(self, t, x, x_next, theta):
         return self.log_prob_fn(x, x_next, theta)
 
 
@@ -116,7 +138,7 @@ class GaussianChain(AbstractChain):
         mean = self.mean_fn(x, theta)
         return mean + self._scale(x, theta) * jax.random.normal(key, jnp.shape(mean), jnp.result_type(mean))
 
-    def log_prob(self, x, x_next, theta):
+    def log_prob(self, t, x, x_next, theta):
         mean = self.mean_fn(x, theta)
         s = self._scale(x, theta)
         z = (x_next - mean) / s
@@ -139,7 +161,7 @@ class TabularChain(AbstractChain):
         p = self.transition_fn(theta)[x]
         return jax.random.categorical(key, jnp.log(p)).astype(jnp.asarray(x).dtype)
 
-    def log_prob(self, x, x_next, theta):
+    def log_prob(self, t, x, x_next, theta):
         return jnp.log(self.transition_fn(theta)[x, x_next])
 
 
@@ -529,18 +551,3 @@ class Problem(eqx.Module):
             tc = jax.eval_shape(self.terminal_cost, x, theta)
             if tc.shape != ():
                 raise ProblemError(f"terminal_cost(x, theta) must return a scalar, got shape {tc.shape}")
-
-
-def check_finite_tree(tree: PyTree, name: str) -> None:
-    """Raise :class:`ProblemError` if a concrete pytree has a non-finite or non-numeric leaf (naming its path)."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if isinstance(leaf, jax.core.Tracer):
-            continue
-        try:
-            arr = np.asarray(leaf)
-        except Exception as e:  # noqa: BLE001
-            raise ProblemError(f"{name}{jax.tree_util.keystr(path)} is not an array: {type(leaf)}") from e
-        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-            raise ProblemError(f"{name}{jax.tree_util.keystr(path)} is not numeric (dtype {arr.dtype})")
-        if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
-            raise ProblemError(f"{name}{jax.tree_util.keystr(path)} contains non-finite values (NaN or inf)")

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 
 import pydso
-from pydso import api, exact
+from pydso import exact
+from pydso import optimize as api
 
 S_MDP, A_MDP, GAMMA = 4, 2, 0.8
 
@@ -64,7 +65,7 @@ def test_cli_improve_from_stored_lqr_log(tmp_path, capsys):
     lqr = double_integrator(horizon=40)
     problem = lqr.problem()
     K_b = jnp.array([[0.3, 0.4]])
-    traj = pydso.rollout(problem, K_b, jax.random.key(0), 500)
+    traj = pydso.rollout(problem, K_b, key=jax.random.key(0), n=500)
     pdata.save(pdata.to_dataset(traj, problem, K_b), tmp_path / "log.zarr")
     np.savez(tmp_path / "theta.npz", np.asarray(K_b))
     out = tmp_path / "new.npz"

@@ -34,7 +34,7 @@ THETA = {"a": 0.5 * jnp.eye(2)}
 
 def test_state_shape_mismatch_between_x0_and_vector_field():
     with pytest.raises(pydso.ProblemError, match=r"vector_field\(t, x, theta\) returns shape \(2,\) but the initial"):
-        pydso.rollout(oscillator(dim=3), 1.0, KEY, 4)
+        pydso.rollout(oscillator(dim=3), 1.0, key=KEY, n=4)
 
 
 def test_transition_output_shape_mismatch_is_not_broadcast():
@@ -45,17 +45,17 @@ def test_transition_output_shape_mismatch_is_not_broadcast():
         pydso.Fixed(jnp.ones(3)),
     )
     with pytest.raises(pydso.ProblemError, match="never broadcasts"):
-        pydso.rollout(problem, 2.0, KEY, 2)
+        pydso.rollout(problem, 2.0, key=KEY, n=2)
 
 
 def test_non_finite_theta():
     with pytest.raises(pydso.ProblemError, match=r"theta\['a'\] contains non-finite"):
-        pydso.rollout(linear_chain(), {"a": jnp.array([[jnp.nan, 0.0], [0.0, 1.0]])}, KEY, 2)
+        pydso.rollout(linear_chain(), {"a": jnp.array([[jnp.nan, 0.0], [0.0, 1.0]])}, key=KEY, n=2)
 
 
 def test_wrong_pytree_structure_of_theta():
     with pytest.raises(pydso.ProblemError, match="wrong pytree structure"):
-        pydso.rollout(linear_chain(), {"b": jnp.eye(2)}, KEY, 2)
+        pydso.rollout(linear_chain(), {"b": jnp.eye(2)}, key=KEY, n=2)
 
 
 @pytest.mark.parametrize("gamma", [0.0, -0.5, 1.5, float("nan")])
@@ -72,17 +72,17 @@ def test_bad_horizon(horizon):
 
 def test_missing_key():
     with pytest.raises(pydso.ProblemError, match="PRNG key is required"):
-        pydso.rollout(linear_chain(), THETA, None, 2)
+        pydso.rollout(linear_chain(), THETA, key=None, n=2)
 
 
 def test_key_of_wrong_type():
     with pytest.raises(pydso.ProblemError, match="key must be a JAX PRNG key"):
-        pydso.rollout(linear_chain(), THETA, 42, 2)
+        pydso.rollout(linear_chain(), THETA, key=42, n=2)
 
 
 def test_non_positive_episode_count():
     with pytest.raises(pydso.ProblemError, match="n must be a positive integer"):
-        pydso.rollout(linear_chain(), THETA, KEY, 0)
+        pydso.rollout(linear_chain(), THETA, key=KEY, n=0)
 
 
 def test_diverging_ode_solve_is_reported():
@@ -99,7 +99,7 @@ def test_diverging_ode_solve_is_reported():
         pydso.Fixed(jnp.ones(1)),
     )
     with pytest.raises(pydso.DivergenceError, match="rollout diverged: non-finite state in episode 0"):
-        pydso.rollout(problem, 1.0, KEY, 1)
+        pydso.rollout(problem, 1.0, key=KEY, n=1)
 
 
 def test_diverging_chain_is_reported():
@@ -110,7 +110,7 @@ def test_diverging_chain_is_reported():
         pydso.Fixed(jnp.full(1, 2.0)),
     )
     with pytest.raises(pydso.DivergenceError, match="non-finite state"):
-        pydso.rollout(problem, 3.0, KEY, 1)
+        pydso.rollout(problem, 3.0, key=KEY, n=1)
 
 
 def test_cost_must_be_scalar():
@@ -121,19 +121,19 @@ def test_cost_must_be_scalar():
         pydso.Normal(jnp.zeros(2), 1.0),
     )
     with pytest.raises(pydso.ProblemError, match="cost.*must return a scalar, got shape"):
-        pydso.rollout(problem, THETA, KEY, 2)
+        pydso.rollout(problem, THETA, key=KEY, n=2)
 
 
 def test_score_estimator_needs_a_density():
     with pytest.raises(pydso.ProblemError, match="needs a transition log-density"):
-        pydso.score_gradient(oscillator(), 1.0, KEY, 4)
+        pydso.score_gradient(oscillator(), 1.0, key=KEY, n=4)
 
 
 def test_pathwise_estimator_needs_reparameterisation():
     chain = pydso.TabularChain(lambda th: jax.nn.softmax(th, axis=1))
     problem = pydso.Problem(chain, lambda x, th: 1.0 * x, pydso.Episodic(0.9, 10), pydso.Categorical(jnp.ones(2) / 2))
     with pytest.raises(pydso.ProblemError, match="needs reparameterised dynamics"):
-        pydso.pathwise_gradient(problem, jnp.zeros((2, 2)), KEY, 4)
+        pydso.pathwise_gradient(problem, jnp.zeros((2, 2)), key=KEY, n=4)
 
 
 def test_unknown_estimator_name():

@@ -103,7 +103,7 @@ def test_integer_state_roundtrip(tmp_path):
 
 def test_to_dataset_from_rollout_roundtrip(tmp_path):
     problem = gaussian_problem()
-    traj = pydso.rollout(problem, THETA, jax.random.key(3), 40)
+    traj = pydso.rollout(problem, THETA, key=jax.random.key(3), n=40)
     ds = data.to_dataset(traj, problem, THETA)
     n, horizon = 40, 12
     assert ds["state"].dims == ("episode", "time", "state_dim")
@@ -607,7 +607,7 @@ def test_cli_inspect_ess_option_and_errors(tmp_path, capsys, monkeypatch):
     import jax
     import jax.numpy as jnp
 
-    from pydso.offpolicy import ess_report
+    from pydso.estimators import ess_report
 
     # A real log: a Gaussian chain x' = a x + noise recorded under a = 0.5, then reweighted to a = 0.6.
     (tmp_path / "my_problem_mod.py").write_text(
@@ -622,7 +622,7 @@ def test_cli_inspect_ess_option_and_errors(tmp_path, capsys, monkeypatch):
 
     problem, _ = my_problem_mod.factory()
     path = tmp_path / "log.zarr"
-    pydso.rollout(problem, jnp.asarray(0.5), jax.random.key(0), 64, record=path)
+    pydso.rollout(problem, jnp.asarray(0.5), key=jax.random.key(0), n=64, record=path)
     theta = tmp_path / "theta.npz"
     np.savez(theta, np.asarray(0.6))
     argv = ["inspect", str(path), "--problem", "my_problem_mod:factory", "--theta", str(theta)]

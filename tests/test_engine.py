@@ -14,18 +14,18 @@ KEY = jax.random.key(42)
 def test_same_key_same_trajectories_whatever_the_chunk_size():
     problem = double_integrator().problem()
     k = jnp.array([[1.0, 2.0]])
-    whole = pydso.rollout(problem, k, KEY, 50)
-    chunked = pydso.rollout(problem, k, KEY, 50, chunk_size=16)
+    whole = pydso.rollout(problem, k, key=KEY, n=50)
+    chunked = pydso.rollout(problem, k, key=KEY, n=50, chunk_size=16)
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    other = pydso.rollout(problem, k, jax.random.key(1), 50)
+    other = pydso.rollout(problem, k, key=jax.random.key(1), n=50)
     assert not np.allclose(np.asarray(other.states), np.asarray(whole.states))
 
 
 def test_gaussian_chain_log_probs_are_the_transition_densities():
     problem = double_integrator().problem()
     k = jnp.array([[1.0, 2.0]])
-    traj = pydso.rollout(problem, k, KEY, 3)
+    traj = pydso.rollout(problem, k, key=KEY, n=3)
     lqr = double_integrator()
     x, x_next = np.asarray(traj.states[:, :-1]), np.asarray(traj.states[:, 1:])
     mean = x @ (lqr.A - lqr.B @ np.asarray(k)).T
@@ -35,7 +35,7 @@ def test_gaussian_chain_log_probs_are_the_transition_densities():
 
 def test_objective_and_cost_to_go_use_the_setting_weights():
     problem = double_integrator(gamma=0.8, horizon=7).problem()
-    traj = pydso.rollout(problem, jnp.array([[1.0, 1.0]]), KEY, 5)
+    traj = pydso.rollout(problem, jnp.array([[1.0, 1.0]]), key=KEY, n=5)
     w = 0.8 ** np.arange(7)
     costs = np.asarray(traj.costs)
     np.testing.assert_allclose(np.asarray(traj.objective), costs @ w, rtol=1e-12)
@@ -60,7 +60,7 @@ def test_terminal_set_absorbs_and_pays_terminal_cost_once():
         pydso.Fixed(jnp.zeros(1)),
         terminal_cost=lambda x, th: 100.0 * x[0],
     )
-    traj = pydso.rollout(problem, 1.0, KEY, 1)
+    traj = pydso.rollout(problem, 1.0, key=KEY, n=1)
     np.testing.assert_array_equal(np.asarray(traj.alive[0]), [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
     np.testing.assert_array_equal(np.asarray(traj.states[0, :, 0]), [0, 1, 2, 3, 3, 3, 3, 3, 3, 3, 3])
     expected = 1.0 + 0.5 * 2.0 + 0.25 * 3.0 + 0.125 * 300.0
@@ -76,7 +76,7 @@ def test_ode_cost_integral_matches_closed_form():
         pydso.FiniteHorizon(horizon),
         pydso.Fixed(jnp.array([x0])),
     )
-    traj = pydso.rollout(problem, a, KEY, 1)
+    traj = pydso.rollout(problem, a, key=KEY, n=1)
     t = dt * np.arange(horizon + 1)
     np.testing.assert_allclose(np.asarray(traj.states[0, :, 0]), x0 * np.exp(-a * t), rtol=1e-6)
     exact = x0**2 * (np.exp(-2 * a * t[:-1]) - np.exp(-2 * a * t[1:])) / (2 * a)
@@ -92,7 +92,7 @@ def test_sde_ornstein_uhlenbeck_moments():
         pydso.FiniteHorizon(horizon),
         pydso.Fixed(jnp.array([x0])),
     )
-    xt = np.asarray(pydso.rollout(problem, a, KEY, n).states[:, -1, 0])
+    xt = np.asarray(pydso.rollout(problem, a, key=KEY, n=n).states[:, -1, 0])
     T = dt * horizon
     mean, var = x0 * np.exp(-a * T), s**2 * (1 - np.exp(-2 * a * T)) / (2 * a)
     assert abs(xt.mean() - mean) < 4 * np.sqrt(var / n) + 0.02
@@ -104,7 +104,7 @@ def test_tabular_chain_visits_match_transition_matrix():
     problem = pydso.Problem(
         pydso.TabularChain(lambda th: th), lambda x, th: 1.0 * x, pydso.Episodic(0.9, 2), pydso.Categorical([1.0, 0.0])
     )
-    traj = pydso.rollout(problem, P, KEY, 20000)
+    traj = pydso.rollout(problem, P, key=KEY, n=20000)
     freq = float(np.mean(np.asarray(traj.states[:, 1]) == 1))
     assert abs(freq - 0.8) < 4 * np.sqrt(0.8 * 0.2 / 20000)
     np.testing.assert_allclose(np.asarray(traj.log_probs[:, 0]), np.log(np.where(traj.states[:, 1] == 1, 0.8, 0.2)))
@@ -113,15 +113,15 @@ def test_tabular_chain_visits_match_transition_matrix():
 @pytest.mark.parametrize("n,chunk", [(7, 3), (5, 5), (4, 10)])
 def test_chunk_sizes_including_ragged_last_chunk(n, chunk):
     problem = double_integrator(horizon=5).problem()
-    traj = pydso.rollout(problem, jnp.ones((1, 2)), KEY, n, chunk_size=chunk)
+    traj = pydso.rollout(problem, jnp.ones((1, 2)), key=KEY, n=n, chunk_size=chunk)
     assert traj.states.shape == (n, 6, 2) and traj.step_weights.shape == (5,)
 
 
 def test_checkpointed_pathwise_gradient_equals_plain_gradient():
     problem = double_integrator(horizon=301, gamma=0.99).problem()
     k = jnp.array([[1.0, 2.0]])
-    plain = pydso.Pathwise().estimate(problem, k, KEY, 4)
-    remat = pydso.Pathwise(checkpoints=17).estimate(problem, k, KEY, 4)  # 301 = 17 * 17 + 12: ragged tail too
+    plain = pydso.Pathwise().estimate(problem, k, key=KEY, n=4)
+    remat = pydso.Pathwise(checkpoints=17).estimate(problem, k, key=KEY, n=4)  # 301 = 17 * 17 + 12: ragged tail too
     np.testing.assert_allclose(np.asarray(remat.gradient), np.asarray(plain.gradient), rtol=1e-12)
 
 
@@ -132,7 +132,7 @@ import pydso
 from closed_form import double_integrator
 assert jax.device_count() == 2, jax.devices()
 problem = double_integrator(horizon=20).problem()
-traj = pydso.rollout(problem, jnp.ones((1, 2)), jax.random.key(0), 8)
+traj = pydso.rollout(problem, jnp.ones((1, 2)), key=jax.random.key(0), n=8)
 assert len(traj.states.sharding.device_set) == 2, traj.states.sharding
 np.save({out!r}, np.asarray(traj.states))
 """
@@ -147,7 +147,7 @@ def test_rollout_is_sharded_over_devices_and_unchanged(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     script = SHARDING_SCRIPT.format(tests=os.path.dirname(__file__), out=out)
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
-    single = pydso.rollout(double_integrator(horizon=20).problem(), jnp.ones((1, 2)), jax.random.key(0), 8)
+    single = pydso.rollout(double_integrator(horizon=20).problem(), jnp.ones((1, 2)), key=jax.random.key(0), n=8)
     np.testing.assert_allclose(np.load(out), np.asarray(single.states), rtol=1e-12)
 
 
@@ -170,12 +170,12 @@ def test_fast_path_is_the_default_and_matches_diffrax_rollout_and_gradient():
     fast, ref = problem("auto"), problem("diffrax")
     assert fast.system.uses_fastpath and not ref.system.uses_fastpath
     theta = jnp.array([10.0, 28.0, 8.0 / 3.0])
-    a, b = pydso.rollout(fast, theta, KEY, 8), pydso.rollout(ref, theta, KEY, 8)
+    a, b = pydso.rollout(fast, theta, key=KEY, n=8), pydso.rollout(ref, theta, key=KEY, n=8)
     scale = np.max(np.abs(np.asarray(b.states)))
     np.testing.assert_allclose(np.asarray(a.states), np.asarray(b.states), rtol=0, atol=1e-12 * scale)
     np.testing.assert_allclose(np.asarray(a.objective), np.asarray(b.objective), rtol=1e-12)
-    ga = pydso.pathwise_gradient(fast, theta, KEY, 4).gradient
-    gb = pydso.pathwise_gradient(ref, theta, KEY, 4).gradient
+    ga = pydso.pathwise_gradient(fast, theta, key=KEY, n=4).gradient
+    gb = pydso.pathwise_gradient(ref, theta, key=KEY, n=4).gradient
     np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=1e-9)
 
 
@@ -194,13 +194,13 @@ def test_rollout_streams_chunks_to_a_store(tmp_path):
     problem = double_integrator(horizon=12).problem(name="di")
     k = jnp.array([[1.0, 2.0]])
     path = tmp_path / "log.zarr"
-    ds = pydso.rollout(problem, k, KEY, 10, chunk_size=4, record=path)
-    reference = pydso.rollout(problem, k, KEY, 10)
+    ds = pydso.rollout(problem, k, key=KEY, n=10, chunk_size=4, record=path)
+    reference = pydso.rollout(problem, k, key=KEY, n=10)
     assert ds.sizes["episode"] == 10 and ds["state"].chunks is not None  # lazy, dask-backed
     np.testing.assert_array_equal(ds["state"].values, np.asarray(reference.states))
     np.testing.assert_allclose(ds["behavior_logp"].values[:, :-1], np.asarray(reference.log_probs), rtol=1e-12)
     # Recording again appends to the same store.
-    again = pydso.rollout(problem, k, jax.random.key(5), 3, record=path)
+    again = pydso.rollout(problem, k, key=jax.random.key(5), n=3, record=path)
     assert again.sizes["episode"] == 13
 
 
@@ -213,7 +213,7 @@ def test_diverging_chunk_is_not_recorded(tmp_path):
     )
     path = tmp_path / "log.zarr"
     with pytest.raises(pydso.DivergenceError):
-        pydso.rollout(problem, 3.0, KEY, 4, chunk_size=2, record=path)
+        pydso.rollout(problem, 3.0, key=KEY, n=4, chunk_size=2, record=path)
     assert not path.exists()
 
 
@@ -231,7 +231,7 @@ def test_sde_fast_path_equals_diffrax_euler_maruyama_on_the_same_increments():
         pydso.Normal(jnp.ones(2), 0.5),
     )
     assert problem.system.uses_fastpath
-    traj = pydso.rollout(problem, a, KEY, 3)
+    traj = pydso.rollout(problem, a, key=KEY, n=3)
     # Rebuild each episode's increments exactly as the fast path draws them, and drive diffrax's Euler
     # (Euler-Maruyama) with them through a piecewise-linear Brownian path.
     ts = dt * jnp.arange(horizon + 1)
@@ -257,7 +257,7 @@ def test_sde_fast_path_equals_diffrax_euler_maruyama_on_the_same_increments():
         pydso.Normal(jnp.ones(2), 0.5),
     )
     assert not reference.system.uses_fastpath
-    assert pydso.rollout(reference, a, KEY, 3).states.shape == traj.states.shape
+    assert pydso.rollout(reference, a, key=KEY, n=3).states.shape == traj.states.shape
 
 
 def test_recording_is_all_or_nothing_when_a_later_chunk_diverges(tmp_path):
@@ -271,17 +271,17 @@ def test_recording_is_all_or_nothing_when_a_later_chunk_diverges(tmp_path):
     )
     for seed in range(20):  # deterministic search for a key whose first episode is fine but not all are
         key = jax.random.key(seed)
-        free = pydso.rollout(problem, 1.0, key, 12, check=False)
+        free = pydso.rollout(problem, 1.0, key=key, n=12, check=False)
         finite = np.isfinite(np.asarray(free.states)).all(axis=(1, 2))
         if finite[0] and not finite.all():
             break
     first_bad = int(np.argmin(finite))
     assert not finite.all() and first_bad > 0, finite
     path = tmp_path / "log.zarr"
-    pydso.rollout(problem, 0.1, jax.random.key(99), 2, record=path)  # an existing store with 2 good episodes
+    pydso.rollout(problem, 0.1, key=jax.random.key(99), n=2, record=path)  # an existing store with 2 good episodes
     before = pydso.data.open(path)["state"].values
     with pytest.raises(pydso.DivergenceError):
-        pydso.rollout(problem, 1.0, key, 12, chunk_size=first_bad, record=path)
+        pydso.rollout(problem, 1.0, key=key, n=12, chunk_size=first_bad, record=path)
     after = pydso.data.open(path)
     np.testing.assert_array_equal(after["state"].values, before)
     assert [p.name for p in tmp_path.iterdir()] == ["log.zarr"]  # no staging left behind

@@ -22,27 +22,29 @@ K_TEST = jnp.array([[0.8, 1.5]])
 
 
 def test_lqr_closed_form_objective_matches_monte_carlo():
-    traj = pydso.rollout(LQR.problem(), K_TEST, jax.random.key(0), 4000)
+    traj = pydso.rollout(LQR.problem(), K_TEST, key=jax.random.key(0), n=4000)
     mc, se = float(jnp.mean(traj.objective)), float(jnp.std(traj.objective) / np.sqrt(4000))
     assert abs(mc - float(LQR.objective(K_TEST))) < 4 * se
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_pathwise_gradient_lqr_within_4_standard_errors(seed):
-    est = pydso.pathwise_gradient(LQR.problem(), K_TEST, jax.random.key(seed), 512)
+    est = pydso.pathwise_gradient(LQR.problem(), K_TEST, key=jax.random.key(seed), n=512)
     within_standard_errors(est, LQR.gradient(K_TEST))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_score_gradient_lqr_within_4_standard_errors(seed):
-    est = pydso.score_gradient(LQR.problem(), K_TEST, jax.random.key(seed), 2048, baseline=pydso.StateValueBaseline())
+    est = pydso.score_gradient(
+        LQR.problem(), K_TEST, key=jax.random.key(seed), n=2048, baseline=pydso.StateValueBaseline()
+    )
     within_standard_errors(est, LQR.gradient(K_TEST))
 
 
 def test_baselines_cut_variance_of_score_gradient():
     problem, key, n = LQR.problem(), jax.random.key(7), 1024
     se = {
-        name: float(jnp.linalg.norm(pydso.score_gradient(problem, K_TEST, key, n, baseline=b).stderr))
+        name: float(jnp.linalg.norm(pydso.score_gradient(problem, K_TEST, key=key, n=n, baseline=b).stderr))
         for name, b in [
             ("none", pydso.NoBaseline()),
             ("mean", pydso.MeanBaseline()),
@@ -61,15 +63,15 @@ def test_exact_value_baseline_is_unbiased_and_lowest_variance():
         P = LQR.value_matrix(K)
         return x @ P @ x + LQR.gamma * LQR.sigma**2 * jnp.trace(P) / (1 - LQR.gamma)
 
-    est = pydso.score_gradient(problem, K_TEST, jax.random.key(3), 1024, baseline=pydso.StateValueBaseline(value))
+    est = pydso.score_gradient(problem, K_TEST, key=jax.random.key(3), n=1024, baseline=pydso.StateValueBaseline(value))
     within_standard_errors(est, LQR.gradient(K_TEST))
-    plain = pydso.score_gradient(problem, K_TEST, jax.random.key(3), 1024, baseline=pydso.NoBaseline())
+    plain = pydso.score_gradient(problem, K_TEST, key=jax.random.key(3), n=1024, baseline=pydso.NoBaseline())
     assert float(jnp.linalg.norm(est.stderr)) < 0.3 * float(jnp.linalg.norm(plain.stderr))
 
 
 def test_pathwise_and_score_agree_on_lqr():
-    p = pydso.pathwise_gradient(LQR.problem(), K_TEST, jax.random.key(11), 512)
-    s = pydso.score_gradient(LQR.problem(), K_TEST, jax.random.key(12), 2048, baseline=pydso.StateValueBaseline())
+    p = pydso.pathwise_gradient(LQR.problem(), K_TEST, key=jax.random.key(11), n=512)
+    s = pydso.score_gradient(LQR.problem(), K_TEST, key=jax.random.key(12), n=2048, baseline=pydso.StateValueBaseline())
     diff = np.asarray(p.gradient - s.gradient)
     se = np.sqrt(np.asarray(p.stderr) ** 2 + np.asarray(s.stderr) ** 2)
     assert np.all(np.abs(diff) <= 4 * se)
@@ -87,10 +89,10 @@ def test_pathwise_gradient_through_ode_matches_finite_differences():
         pydso.Normal(jnp.array([1.0, 0.0]), 0.2),
     )
     k = jnp.array([2.0, 0.5])
-    est = pydso.pathwise_gradient(problem, k, jax.random.key(0), 16)
+    est = pydso.pathwise_gradient(problem, k, key=jax.random.key(0), n=16)
 
     def mean_objective(k):
-        return float(jnp.mean(pydso.rollout(problem, k, jax.random.key(0), 16).objective))
+        return float(jnp.mean(pydso.rollout(problem, k, key=jax.random.key(0), n=16).objective))
 
     h = 1e-6
     fd = np.array([(mean_objective(k + h * e) - mean_objective(k - h * e)) / (2 * h) for e in np.eye(2)])
@@ -105,15 +107,15 @@ def test_pathwise_gradient_sde_matches_common_random_number_differences():
         pydso.Normal(jnp.ones(2), 0.1),
     )
     a = jnp.asarray(1.5)
-    est = pydso.pathwise_gradient(problem, a, jax.random.key(4), 32)
-    f = lambda a: float(jnp.mean(pydso.rollout(problem, a, jax.random.key(4), 32).objective))
+    est = pydso.pathwise_gradient(problem, a, key=jax.random.key(4), n=32)
+    f = lambda a: float(jnp.mean(pydso.rollout(problem, a, key=jax.random.key(4), n=32).objective))
     h = 1e-6
     np.testing.assert_allclose(float(est.gradient), (f(a + h) - f(a - h)) / (2 * h), rtol=1e-5)
 
 
 def test_estimates_are_reproducible_for_the_same_key():
-    a = pydso.score_gradient(LQR.problem(), K_TEST, jax.random.key(5), 64)
-    b = pydso.score_gradient(LQR.problem(), K_TEST, jax.random.key(5), 64)
+    a = pydso.score_gradient(LQR.problem(), K_TEST, key=jax.random.key(5), n=64)
+    b = pydso.score_gradient(LQR.problem(), K_TEST, key=jax.random.key(5), n=64)
     np.testing.assert_array_equal(np.asarray(a.gradient), np.asarray(b.gradient))
 
 
@@ -139,7 +141,7 @@ def test_score_gradient_on_random_tabular_chains_matches_exact(seed, S, gamma):
     horizon = int(np.ceil(np.log(1e-9) / np.log(gamma)))  # truncation bias below 1e-9 relative
     problem = _with_setting(problem, pydso.Episodic(gamma, horizon))
     exact = pydso.exact.gradient(problem, theta)
-    est = pydso.score_gradient(problem, theta, jax.random.key(seed), 2000)
+    est = pydso.score_gradient(problem, theta, key=jax.random.key(seed), n=2000)
     _flat_check(est, exact)
     # The objective estimate is the exact J within its standard error too.
     assert abs(float(est.objective) - float(pydso.exact.objective(problem, theta))) < 4 * float(est.objective_stderr)
@@ -158,9 +160,9 @@ def test_tabular_value_baseline_with_one_hot_features_cuts_variance():
     )
     exact = pydso.exact.gradient(problem, theta)
     key = jax.random.key(9)
-    plain = pydso.score_gradient(problem, theta, key, 1000, baseline=pydso.NoBaseline())
+    plain = pydso.score_gradient(problem, theta, key=key, n=1000, baseline=pydso.NoBaseline())
     fitted = pydso.score_gradient(
-        problem, theta, key, 1000, baseline=pydso.StateValueBaseline(features=lambda x, t: jax.nn.one_hot(x, S))
+        problem, theta, key=key, n=1000, baseline=pydso.StateValueBaseline(features=lambda x, t: jax.nn.one_hot(x, S))
     )
     _flat_check(fitted, exact)
     norm = lambda e: float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(e.stderr)[0]))
@@ -174,7 +176,7 @@ def test_score_gradient_average_cost_matches_exact():
     problem, theta = random_tabular_problem(3, 4, average=True)
     problem = _with_setting(problem, pydso.AverageCost(horizon=400, burn_in=40))
     exact = pydso.exact.gradient(problem, theta)
-    est = pydso.score_gradient(problem, theta, jax.random.key(0), 2000)
+    est = pydso.score_gradient(problem, theta, key=jax.random.key(0), n=2000)
     _flat_check(est, exact)
 
 
@@ -190,8 +192,8 @@ def test_backsolve_adjoint_gradient_agrees_with_checkpointed_adjoint():
         )
 
     k = jnp.array([2.0, 0.5])
-    a = pydso.pathwise_gradient(problem(diffrax.RecursiveCheckpointAdjoint()), k, jax.random.key(0), 4).gradient
-    b = pydso.pathwise_gradient(problem(diffrax.BacksolveAdjoint()), k, jax.random.key(0), 4).gradient
+    a = pydso.pathwise_gradient(problem(diffrax.RecursiveCheckpointAdjoint()), k, key=jax.random.key(0), n=4).gradient
+    b = pydso.pathwise_gradient(problem(diffrax.BacksolveAdjoint()), k, key=jax.random.key(0), n=4).gradient
     # Continuous adjoint (optimise-then-discretise) vs exact discrete gradient: equal up to the solver error.
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3)
 
@@ -205,7 +207,7 @@ def test_score_and_pathwise_agree_on_an_sde_with_theta_dependent_cost():
         pydso.Normal(jnp.ones(1), 0.3),
     )
     a = jnp.asarray(1.0)
-    p = pydso.pathwise_gradient(problem, a, jax.random.key(0), 400)
-    s = pydso.score_gradient(problem, a, jax.random.key(1), 400)
+    p = pydso.pathwise_gradient(problem, a, key=jax.random.key(0), n=400)
+    s = pydso.score_gradient(problem, a, key=jax.random.key(1), n=400)
     diff, se = float(p.gradient - s.gradient), float(np.hypot(p.stderr, s.stderr))
     assert abs(diff) < 4 * se, (float(p.gradient), float(s.gradient), se)

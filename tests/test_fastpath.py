@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pydso
-from pydso._fastpath import (
+from pydso.backends.jax._fastpath import (
     RK4,
     RK4ThreeEighths,
     euler_maruyama_ensemble,

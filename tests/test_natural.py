@@ -10,8 +10,8 @@ from helpers import assert_tree_allclose, random_tabular_problem
 from jax.flatten_util import ravel_pytree
 
 import pydso
+from pydso import estimators as nat
 from pydso import exact
-from pydso import natural as nat
 
 S, GAMMA, H = 4, 0.7, 50
 
@@ -46,7 +46,7 @@ def test_cg_with_exact_fvp_equals_exact_natural_gradient(seed):
 
 def test_compatible_features_and_cg_from_rollouts():
     problem, theta = tabular(0)
-    traj = pydso.rollout(problem, theta, jax.random.key(0), 4000)
+    traj = pydso.rollout(problem, theta, key=jax.random.key(0), n=4000)
     for damping in (0.0, 0.01):
         w, info = nat.compatible_natural_gradient(problem, theta, traj, damping=damping)
         ref = ravel_pytree(exact.natural_gradient(problem, theta, damping=damping))[0]
@@ -64,7 +64,7 @@ def test_natural_gradient_steps_lower_exact_objective():
     step = nat.NaturalGradient(damping=1.0, learning_rate=0.3)
     J = [float(exact.objective(problem, theta))]
     for k in range(3):
-        traj = pydso.rollout(problem, theta, jax.random.key(10 + k), 1000)
+        traj = pydso.rollout(problem, theta, key=jax.random.key(10 + k), n=1000)
         theta, info = step(problem, theta, traj)
         J.append(float(exact.objective(problem, theta)))
     assert J[-1] < J[0] - 0.1, J

@@ -10,8 +10,8 @@ import pytest
 from helpers import random_tabular_problem
 
 import pydso
+from pydso import estimators as op
 from pydso import exact
-from pydso import offpolicy as op
 
 S, GAMMA, H = 4, 0.7, 50  # truncation bias gamma^H ~ 2e-8
 
@@ -34,7 +34,7 @@ def z_scores(est, exact_tree):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_is_gradient_from_behaviour_data_matches_exact_gradient(seed):
     problem, theta, behaviour = tabular(seed)
-    traj = pydso.rollout(problem, behaviour, jax.random.key(seed), 3000)
+    traj = pydso.rollout(problem, behaviour, key=jax.random.key(seed), n=3000)
     est = op.offpolicy_gradient(problem, theta, traj)
     assert np.all(z_scores(est, exact.gradient(problem, theta)) < 4.0)
     # the objective estimate too
@@ -45,7 +45,7 @@ def test_is_gradient_from_behaviour_data_matches_exact_gradient(seed):
 
 def test_weight_variants_and_baselines():
     problem, theta, behaviour = tabular(0)
-    traj = pydso.rollout(problem, behaviour, jax.random.key(3), 3000)
+    traj = pydso.rollout(problem, behaviour, key=jax.random.key(3), n=3000)
     plain = op.offpolicy_gradient(problem, theta, traj, baseline=None)
     huge_clip = op.offpolicy_gradient(problem, theta, traj, baseline=None, weight_clip=1e12)
     assert np.allclose(jax.tree.leaves(plain.gradient)[0], jax.tree.leaves(huge_clip.gradient)[0], rtol=1e-12)
@@ -70,7 +70,7 @@ def test_weight_variants_and_baselines():
 
 def test_ess_drops_as_theta_moves_away_from_behaviour():
     problem, _, behaviour = tabular(1)
-    traj = pydso.rollout(problem, behaviour, jax.random.key(4), 3000)
+    traj = pydso.rollout(problem, behaviour, key=jax.random.key(4), n=3000)
     direction = jax.tree.map(lambda a: jax.random.normal(jax.random.key(9), a.shape), behaviour)
     ess = []
     for alpha in (0.0, 0.1, 0.3, 0.6, 1.0):
@@ -96,7 +96,7 @@ def test_streaming_dataset_matches_in_memory(tmp_path):
     from pydso import data as pdata
 
     problem, theta, behaviour = tabular(2)
-    traj = pydso.rollout(problem, behaviour, jax.random.key(5), 600)
+    traj = pydso.rollout(problem, behaviour, key=jax.random.key(5), n=600)
     ds = pdata.to_dataset(traj, problem, behaviour)
     pdata.save(ds, tmp_path / "log.zarr")
     stored = pdata.open(tmp_path / "log.zarr")
@@ -120,7 +120,7 @@ def test_streaming_dataset_matches_in_memory(tmp_path):
 )
 def test_importance_weighted_value_fits_match_exact_values(method, lam, weighting):
     problem, theta, behaviour = tabular(0)
-    traj = pydso.rollout(problem, behaviour, jax.random.key(6), 3000)
+    traj = pydso.rollout(problem, behaviour, key=jax.random.key(6), n=3000)
     V = op.fit_value_linear(
         problem, theta, traj, lambda x: jax.nn.one_hot(x, S), method=method, lam=lam, state_weighting=weighting
     )
@@ -135,7 +135,7 @@ def test_value_network_fit():
     import equinox as eqx
 
     problem, theta, behaviour = tabular(1)
-    traj = pydso.rollout(problem, behaviour, jax.random.key(7), 3000)
+    traj = pydso.rollout(problem, behaviour, key=jax.random.key(7), n=3000)
 
     class Net(eqx.Module):
         mlp: eqx.nn.MLP
@@ -164,6 +164,6 @@ def test_offpolicy_objective_on_sde_logs_equals_the_rollout_objective():
         pydso.FiniteHorizon(15),
         pydso.Normal(jnp.ones(1), 0.3),
     )
-    traj = pydso.rollout(problem, jnp.asarray(1.0), jax.random.key(3), 64)
-    j, _ = pydso.offpolicy.offpolicy_objective(problem, jnp.asarray(1.0), traj)
+    traj = pydso.rollout(problem, jnp.asarray(1.0), key=jax.random.key(3), n=64)
+    j, _ = pydso.estimators.offpolicy_objective(problem, jnp.asarray(1.0), traj)
     np.testing.assert_allclose(j, float(jnp.mean(traj.objective)), rtol=1e-10)

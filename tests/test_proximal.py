@@ -11,9 +11,9 @@ from closed_form import double_integrator
 from helpers import assert_tree_allclose, random_tabular_problem
 
 import pydso
+from pydso import estimators as op
 from pydso import exact
-from pydso import offpolicy as op
-from pydso import proximal as px
+from pydso import optimize as px
 
 S, GAMMA, H = 4, 0.7, 50
 
@@ -39,7 +39,7 @@ def test_exact_surrogate_gradient_equals_exact_gradient(seed):
 
 def test_mc_surrogate_gradient_is_the_score_gradient():
     problem, theta = tabular(0)
-    traj = pydso.rollout(problem, theta, jax.random.key(0), 3000)
+    traj = pydso.rollout(problem, theta, key=jax.random.key(0), n=3000)
     sdata = px.prepare(problem, theta, op.as_batch(traj, problem))
     est = op.offpolicy_gradient(problem, theta, traj)
     exact_g = exact.gradient(problem, theta)
@@ -61,7 +61,7 @@ def test_mc_surrogate_gradient_is_the_score_gradient():
 
 def test_improve_on_tabular_lowers_exact_objective():
     problem, theta = tabular(1)
-    traj = pydso.rollout(problem, theta, jax.random.key(2), 2000)
+    traj = pydso.rollout(problem, theta, key=jax.random.key(2), n=2000)
     new, info = px.improve(
         problem, theta, traj, epochs=10, minibatch=500, optimizer=optax.adam(0.05), key=jax.random.key(0)
     )
@@ -76,7 +76,7 @@ def test_offpolicy_improvement_from_stored_lqr_dataset(tmp_path):
     lqr = double_integrator(horizon=60)
     problem = lqr.problem()
     K_b = jnp.array([[0.3, 0.4]])  # a poor, stabilising gain
-    traj = pydso.rollout(problem, K_b, jax.random.key(0), 1000)
+    traj = pydso.rollout(problem, K_b, key=jax.random.key(0), n=1000)
     pdata.save(pdata.to_dataset(traj, problem, K_b), tmp_path / "lqr.zarr")
     ds = pdata.open(tmp_path / "lqr.zarr")
     K = K_b

@@ -12,8 +12,8 @@ import xarray as xr
 import pydso  # noqa: F401  (float64)
 from pydso.data import make_dataset, save
 from pydso.data._readers import ReaderError, from_csv, from_mat, from_npz
-from pydso.distributed import fit_many, load_model
 from pydso.problems import sysid as S
+from pydso.problems.sysid._batch import fit_many, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SILVERBOX = REPO.parent / "shared" / "data" / "silverbox"
@@ -362,7 +362,7 @@ def test_results_dir_is_clean():
 def test_results_store_is_recovered_after_a_crash_during_the_swap(tmp_path):
     import xarray as xr
 
-    from pydso import distributed
+    from pydso.problems.sysid import _batch as distributed
 
     out = str(tmp_path / "results.zarr")
     ds = xr.Dataset({"estimate": ("experiment", np.arange(3.0))}, coords={"experiment": ["a", "b", "c"]})

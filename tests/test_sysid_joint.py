@@ -8,9 +8,9 @@ import xarray as xr
 
 import pydso  # noqa: F401  (float64)
 from pydso.data import make_dataset, save
-from pydso.distributed import fit_many, load_model
 from pydso.problems import JointSysIdResult, fit_joint
 from pydso.problems import sysid as S
+from pydso.problems.sysid._batch import fit_many, load_model
 
 MODEL_MODULE = """
 import jax.numpy as jnp

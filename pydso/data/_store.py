@@ -9,7 +9,7 @@ A store is a directory::
       .lock                 advisory lock held by the writer (fcntl.flock)
 
 Crash safety: a part is written in full under a temporary name (``.tmp-<id>.zarr``), its files are fsync'ed,
-it is renamed to its final name, and only then is the manifest replaced (write ``pydso.json.tmp-<id>``, fsync,
+it is renamed to its final name, and only then is the manifest replaced (write ``.pydso.json.<id>.json.tmp``, fsync,
 ``os.replace``, fsync the directory). Existing parts are never modified. A writer killed at any moment
 therefore leaves either the old manifest (the old episodes) or the new one (old + all new episodes); its
 leftover temporary or unreferenced directories are ignored by :func:`open` and removed by the next
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .._io import atomic_write, fsync_path
 from ._schema import SCHEMA_VERSION, DatasetError, validate
 
 try:
@@ -52,34 +53,16 @@ PathLike = str | os.PathLike
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:  # pragma: no cover - e.g. directories on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            _fsync_path(Path(dirpath) / name)
-        _fsync_path(Path(dirpath), directory=True)
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath), directory=True)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with builtins.open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", suffix=".json.tmp") as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent, directory=True)
 
 
 @contextlib.contextmanager
@@ -123,7 +106,7 @@ def _write_part(ds: xr.Dataset, directory: Path, episodes_per_chunk: int | None)
     ds.to_zarr(tmp, mode="w-", consolidated=False, encoding=encoding)
     _fsync_tree(tmp)
     os.rename(tmp, directory / name)
-    _fsync_path(directory, directory=True)
+    fsync_path(directory, directory=True)
     return name, int(ds.sizes["episode"])
 
 
@@ -326,7 +309,7 @@ def save(ds: xr.Dataset, path: PathLike, *, overwrite: bool = False, episodes_pe
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, root)
-        _fsync_path(root.parent, directory=True)
+        fsync_path(root.parent, directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -374,7 +357,7 @@ def _collect_garbage(root: Path, manifest: dict[str, Any]) -> None:
     for entry in root.iterdir():
         stale = (
             entry.name.startswith(".tmp-")
-            or entry.name.startswith(f"{MANIFEST}.tmp-")
+            or (entry.name.startswith(f".{MANIFEST}.") and entry.name.endswith(".json.tmp"))
             or (_PART_RE.match(entry.name) and entry.name not in keep)
         )
         if stale:

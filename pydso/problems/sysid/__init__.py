@@ -37,6 +37,7 @@ is ``jax.vmap``-ed over the stacked experiments (which must therefore have equal
 least-squares problem for the same solvers and the same covariance computation over the joint vector.
 """
 
+from ._batch import expand_paths, fit_many, load_model, open_results
 from ._errors import SysIdError
 from ._joint import JointSysIdProblem, JointSysIdResult, fit_joint
 from ._losses import GaussianNLL, MultipleShooting, Prediction, Simulation
@@ -61,4 +62,8 @@ __all__ = [
     "fit_joint",
     "finite_difference_states",
     "simulate",
+    "fit_many",
+    "open_results",
+    "load_model",
+    "expand_paths",
 ]

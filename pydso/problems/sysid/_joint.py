@@ -76,7 +76,7 @@ class JointSysIdResult:
         return {"shared": self.shared_estimates(), "local": self.local_estimates()}
 
     def to_dataset(self):
-        """The results as an ``xarray.Dataset`` in the layout of :func:`pydso.distributed.fit_many`.
+        """The results as an ``xarray.Dataset`` in the layout of :func:`pydso.problems.sysid.fit_many`.
 
         ``estimate``/``stderr``/``ci_low``/``ci_high`` are ``(experiment, parameter)`` over *all* model
         parameters; a shared parameter has the same (joint) value and interval in every row and is flagged by

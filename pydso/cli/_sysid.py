@@ -110,7 +110,7 @@ def _loss(args):
 
 
 def summary_table(res, max_rows: int = 20) -> str:
-    """A plain-text summary of a results dataset from :func:`pydso.distributed.fit_many`."""
+    """A plain-text summary of a results dataset from :func:`pydso.problems.sysid.fit_many`."""
     names = [str(n) for n in res["parameter"].values]
     status = [str(s) for s in res["status"].values]
     lines = []
@@ -158,7 +158,7 @@ def summary_table(res, max_rows: int = 20) -> str:
 
 
 def run(args) -> int:
-    from pydso.distributed import expand_paths, fit_many
+    from pydso.problems.sysid._batch import expand_paths, fit_many
 
     shared = [n.strip() for n in args.shared.split(",") if n.strip()]
     if shared and not args.joint:

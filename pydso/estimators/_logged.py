@@ -48,10 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._errors import ProblemError
-from .engine import Trajectories, check_key
-from .estimators import Estimate, _transition_log_probs
-from .systems import Episodic, Problem
+from .._checks import check_key
+from .._errors import ProblemError
+from ..engine import Trajectories
+from ..systems import Episodic, Problem
+from ._base import Estimate
 
 PyTree = Any
 
@@ -201,7 +202,7 @@ def iter_batches(data, problem: Problem, episodes_per_chunk: int | None = None) 
     """Yield :class:`LoggedBatch` chunks: one for in-memory data, one per :func:`pydso.data.iter_chunks` chunk
     for a dataset (lazily opened stores are read one chunk at a time)."""
     if _is_dataset(data):
-        from .data import iter_chunks
+        from ..data import iter_chunks
 
         if "behavior_logp" not in data.data_vars:
             _from_dataset(data, problem)  # raises the explanatory error
@@ -234,7 +235,7 @@ def _terminal(problem: Problem, theta, batch: LoggedBatch):
 
 
 def _target_logp(problem: Problem, theta, batch: LoggedBatch):
-    lp = jax.vmap(lambda s: _transition_log_probs(problem.system, s, theta))(batch.states)
+    lp = jax.vmap(lambda s: problem.system.path_log_prob(s, theta))(batch.states)
     return jnp.where(batch.valid, lp, 0.0)
 
 
@@ -406,7 +407,7 @@ def _per_episode(problem, theta, batch, baseline, weight_clip, normalize, weight
     wL = jax.lax.stop_gradient(batch.step_weights * W[:, :-1])
 
     def surrogate(theta, states, valid, adv, wl, end, tw, w_end):
-        lp = jnp.where(valid, _transition_log_probs(problem.system, states, theta), 0.0)
+        lp = jnp.where(valid, problem.system.path_log_prob(states, theta), 0.0)
         c = jnp.where(valid, jax.vmap(problem.step_cost, in_axes=(0, None))(states[:-1], theta), 0.0)
         out = jnp.sum(wl * c) + jnp.sum(lp * adv)
         if problem.terminal_cost is not None:

@@ -10,7 +10,7 @@
 import argparse
 import os
 
-from ._cli_common import load_factory, load_theta, save_theta
+from ._common import load_factory, load_theta, save_theta
 
 METHODS = ("proximal", "natural", "api")
 
@@ -41,9 +41,9 @@ def run(args) -> int:
     import jax
     import optax
 
-    from . import data as pdata
-    from ._progress import progress_bar
-    from .offpolicy import as_batch, concatenate_batches, ess_report, iter_batches, offpolicy_objective
+    from .. import data as pdata
+    from .._progress import progress_bar
+    from ..estimators import as_batch, concatenate_batches, ess_report, iter_batches, offpolicy_objective
 
     problem, template = load_factory(args.problem)
     theta = load_theta(args.theta, template)
@@ -58,7 +58,7 @@ def run(args) -> int:
     key = jax.random.key(args.seed)
     J0, se0 = offpolicy_objective(problem, theta, ds, episodes_per_chunk=args.episodes_per_chunk)
     if args.method == "proximal":
-        from .proximal import improve
+        from ..optimize import improve
 
         theta, _ = improve(
             problem,
@@ -72,7 +72,7 @@ def run(args) -> int:
             progress=args.progress,
         )
     elif args.method == "natural":
-        from .natural import NaturalGradient
+        from ..estimators import NaturalGradient
 
         batch = concatenate_batches(list(iter_batches(ds, problem, args.episodes_per_chunk)))
         step = NaturalGradient(learning_rate=args.learning_rate)
@@ -81,8 +81,8 @@ def run(args) -> int:
     else:
         import jax.numpy as jnp
 
-        from .api import policy_iteration
-        from .systems import TabularChain
+        from ..optimize import policy_iteration
+        from ..systems import TabularChain
 
         batch = as_batch(ds.compute(), problem)
         if isinstance(problem.system, TabularChain):

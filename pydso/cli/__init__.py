@@ -1,6 +1,6 @@
 """The ``pydso`` command line: batch jobs on stored datasets.
 
-Each subcommand lives in its own module ``pydso._cli_<name>`` exposing ``add_parser(subparsers)`` (which sets
+Each subcommand lives in its own module ``pydso.cli._<name>`` exposing ``add_parser(subparsers)`` (which sets
 ``func`` on its parser) so that importing the CLI stays cheap and subcommands stay independent.
 """
 
@@ -16,9 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
-            module = importlib.import_module(f"pydso._cli_{name}")
+            module = importlib.import_module(f"pydso.cli._{name}")
         except ModuleNotFoundError as e:
-            if e.name != f"pydso._cli_{name}":
+            if e.name != f"pydso.cli._{name}":
                 raise
             continue
         module.add_parser(sub)

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ...systems import ODESystem
 from ._solvers import RK4, RK4ThreeEighths, fixed_step_applies, tableau_of
-from .systems import ODESystem
 
 PyTree = Any
 

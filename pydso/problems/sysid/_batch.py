@@ -332,7 +332,7 @@ def fit_many(
     """
     from dask.distributed import as_completed
 
-    from ._progress import progress_bar
+    from ..._progress import progress_bar
 
     if isinstance(shared, str):
         shared = [p.strip() for p in shared.split(",") if p.strip()]
@@ -368,7 +368,7 @@ def fit_many(
     attrs = {
         "loss": str(loss),
         "model": model if isinstance(model, str) else getattr(load_model(model), "name", type(model).__name__),
-        "created_by": "pydso.distributed.fit_many",
+        "created_by": "pydso.problems.sysid.fit_many",
     }
     records = dict(done)
     own = None
@@ -447,7 +447,7 @@ def _fit_many_joint(
     on_result,
 ) -> xr.Dataset:
     """``fit_many(..., joint=True)``: one joint fit of all experiments as a single Dask task."""
-    from ._progress import progress_bar
+    from ..._progress import progress_bar
 
     ids = [e[0] for e in exps]
     if out is not None:
@@ -465,7 +465,7 @@ def _fit_many_joint(
     attrs = {
         "loss": str(loss),
         "model": model if isinstance(model, str) else getattr(load_model(model), "name", type(model).__name__),
-        "created_by": "pydso.distributed.fit_many",
+        "created_by": "pydso.problems.sysid.fit_many",
         "joint": True,
         "shared_requested": list(shared),
     }

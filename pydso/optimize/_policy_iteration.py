@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._errors import ProblemError
-from ._progress import progress_bar
-from .engine import check_key, rollout
-from .offpolicy import (
+from .._errors import ProblemError
+from .._progress import progress_bar
+from ..engine import check_key, rollout
+from ..estimators._logged import (
     _gamma,
     _is_terms,
     as_batch,
@@ -43,8 +43,8 @@ from .offpolicy import (
     fit_value_linear,
     offpolicy_objective,
 )
-from .proximal import improve as proximal_improve
-from .systems import Problem, TabularChain
+from ..systems import Problem, TabularChain
+from ._proximal import improve as proximal_improve
 
 PyTree = Any
 
@@ -149,7 +149,7 @@ def policy_iteration(
     hist: dict[str, list] = {"objective": [], "objective_stderr": [], "ess": [], "episodes": []}
     for k in progress_bar(range(iterations), total=iterations, desc="api", enable=progress):
         if collect:
-            traj = rollout(problem, theta, jax.random.fold_in(key, k), collect)
+            traj = rollout(problem, theta, key=jax.random.fold_in(key, k), n=collect)
             new = as_batch(traj, problem)
             batches = [*batches, new] if reuse else [new]
         batch = batches[0] if len(batches) == 1 else concatenate_batches(batches)

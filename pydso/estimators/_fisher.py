@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ._errors import ProblemError
-from .estimators import Estimate
-from .offpolicy import (
+from .._errors import ProblemError
+from ..systems import Problem
+from ._base import Estimate
+from ._logged import (
     LoggedBatch,
     _baseline_values,
     _costs,
@@ -41,7 +42,6 @@ from .offpolicy import (
     as_batch,
     offpolicy_gradient,
 )
-from .systems import Problem, SDESystem
 
 PyTree = Any
 
@@ -59,10 +59,8 @@ def _logp_fn(problem: Problem, x, x_next, t=None):
     system = problem.system
     if not system.has_log_prob:
         raise ProblemError(f"the Fisher matrix needs a transition log-density; {type(system).__name__} has none")
-    if isinstance(system, SDESystem):
-        ts = jnp.zeros(x.shape[0]) if t is None else t
-        return lambda th: jax.vmap(system.log_prob, in_axes=(0, 0, 0, None))(ts, x, x_next, th)
-    return lambda th: jax.vmap(system.log_prob, in_axes=(0, 0, None))(x, x_next, th)
+    ts = jnp.zeros(x.shape[0]) if t is None else t
+    return lambda th: jax.vmap(system.log_prob, in_axes=(0, 0, 0, None))(ts, x, x_next, th)
 
 
 def fisher_vector_product(problem: Problem, theta: PyTree, x, x_next, weights, *, t=None) -> Callable:
@@ -87,9 +85,7 @@ def _batch_transitions(problem, theta, batch: LoggedBatch, weight_clip=None):
     shape = batch.states.shape[2:]
     x = batch.states[:, :-1].reshape((-1, *shape))
     xn = batch.states[:, 1:].reshape((-1, *shape))
-    t = None
-    if isinstance(problem.system, SDESystem):
-        t = jnp.tile(jnp.arange(batch.horizon) * problem.system.dt, n)
+    t = jnp.tile(jnp.arange(batch.horizon) * problem.system.time_step, n)
     return x, xn, d.reshape(-1), t
 
 

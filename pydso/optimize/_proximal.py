@@ -44,9 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._errors import ProblemError
-from .engine import check_key
-from .offpolicy import (
+from .._errors import ProblemError
+from ..engine import check_key
+from ..estimators._logged import (
     LoggedBatch,
     _absorbed,
     _baseline_values,
@@ -58,7 +58,7 @@ from .offpolicy import (
     ess_report,
     iter_batches,
 )
-from .systems import Problem
+from ..systems import Problem
 
 PyTree = Any
 
@@ -178,7 +178,7 @@ def tabular_surrogate(problem: Problem, theta: PyTree, theta_k: PyTree) -> jax.A
     :math:`S(\theta;\theta_k) = \sum_x \rho_k(x)\,[L(x,\theta) + \gamma\sum_{x'} P_k(x'|x)\, r(x,x')\, V_k(x')]`,
     :math:`\rho_k, P_k, V_k` from :mod:`pydso.exact` at ``theta_k``. :math:`\nabla S(\theta_k) = \nabla J(\theta_k)`.
     """
-    from . import exact
+    from .. import exact
 
     P_k, _, _ = exact.chain(problem, theta_k)
     rho = exact.occupancy(problem, theta_k)
@@ -302,7 +302,7 @@ def improve(
         return theta, opt_state, s0
 
     history = []
-    from ._progress import progress_bar
+    from .._progress import progress_bar
 
     cached = None if _streaming(data) else [prep(b) for b in iter_batches(data, problem)]
     for e in progress_bar(range(epochs), total=epochs, desc="improve", enable=progress):

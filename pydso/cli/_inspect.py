@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from ._cli_common import load_factory, load_theta
+from ._common import load_factory, load_theta
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def _short(value: Any, width: int = 100) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import data
+    from .. import data
 
     ds = data.open(args.store)
     n, n_time = ds.sizes["episode"], ds.sizes["time"]
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.problem is not None or args.theta is not None:
         if args.problem is None or args.theta is None:
             raise ValueError("--problem and --theta must be given together")
-        from .offpolicy import ess_report
+        from ..estimators import ess_report
 
         problem, template = load_factory(args.problem)
         report = ess_report(problem, load_theta(args.theta, template), ds, warn_below=None)

@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._errors import DivergenceError, ProblemError
-from ._progress import progress_bar
-from .engine import _check_n, check_key, episode_keys
-from .estimators import AbstractEstimator, _jit_estimate, as_estimator
-from .systems import Problem
+from .._checks import check_key, check_positive_int
+from .._errors import DivergenceError, ProblemError
+from .._progress import progress_bar
+from ..engine import episode_keys
+from ..estimators import AbstractEstimator, as_estimator, jit_estimate
+from ..systems import Problem
 
 PyTree = Any
 
@@ -169,7 +170,7 @@ def _load_checkpoint(path: str, template: dict, key: jax.Array, fingerprint: dic
 def _step(estimator, problem, optimizer, n, key, theta, opt_state, step):
     """One compiled optimisation step (module level, so repeated or resumed runs reuse the compilation)."""
     keys = episode_keys(jax.random.fold_in(key, step), n)
-    est = _jit_estimate(estimator, problem, theta, keys)
+    est = jit_estimate(estimator, problem, theta, keys)
     updates, opt_state = optimizer.update(est.gradient, opt_state, theta)
     new_theta = optax.apply_updates(theta, updates)
     finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_theta)]))
@@ -214,9 +215,9 @@ def minimize(
             ``history`` are attached and the last good state is in the checkpoint.
     """
     key = check_key(key)
-    steps = _check_n(steps, "steps")
-    n = _check_n(n)
-    checkpoint_every = _check_n(checkpoint_every, "checkpoint_every")
+    steps = check_positive_int(steps, "steps")
+    n = check_positive_int(n, "n")
+    checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     estimator = as_estimator(estimator)
     estimator.check(problem)
     problem.check_theta(theta0)

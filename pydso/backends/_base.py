@@ -1,0 +1,85 @@
+"""The backend interface and its registry."""
+
+import abc
+import importlib
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+
+from .._errors import ProblemError
+from .._typing import PyTree
+
+__all__ = ["AbstractBackend", "EpisodeBatch", "register_backend", "get_backend", "available_backends"]
+
+
+class EpisodeBatch(eqx.Module):
+    r"""What a backend returns for ``n`` episodes of horizon ``H`` (the raw material of
+    :class:`~pydso.Trajectories`).
+
+    **Attributes:**
+
+    - ``states``: ``(n, H+1, *state_shape)``, frozen after absorption in a terminal set.
+    - ``costs``: ``(n, H)`` step costs (interval integrals :math:`\int L\,dt` for ODEs, :math:`L\,dt` for SDEs).
+    - ``log_probs``: ``(n, H)`` :math:`\log P(x_{t+1}\mid x_t,\theta)` (zeros where there is no density).
+    - ``alive``: ``(n, H+1)`` True while the episode has not entered the terminal set.
+    - ``terminal_costs``: ``(n,)`` :math:`\Phi` at the state where the episode ends (zeros without one).
+    - ``terminal_weights``: ``(n,)`` the setting's weight at that time.
+    """
+
+    states: jax.Array
+    costs: jax.Array
+    log_probs: jax.Array
+    alive: jax.Array
+    terminal_costs: jax.Array
+    terminal_weights: jax.Array
+
+
+class AbstractBackend(eqx.Module):
+    """Computes ensembles of episodes of a problem. Subclasses are final (equinox's abstract/final pattern)."""
+
+    name: eqx.AbstractClassVar[str]
+
+    @abc.abstractmethod
+    def simulate(self, problem, theta: PyTree, keys: jax.Array, *, checkpoints: int | None = None) -> EpisodeBatch:
+        """Simulate one episode per key in ``keys`` (shape ``(n,)``) under ``theta``.
+
+        Must be traceable and differentiable in ``theta`` (pathwise gradients), and give the same episode for
+        the same key whatever else is in ``keys`` (chunking must not change results).
+        """
+
+    def check(self, problem) -> None:
+        """Raise :class:`~pydso.ProblemError` if this backend cannot simulate ``problem``."""
+
+
+_REGISTRY: dict[str, "Callable[[], AbstractBackend] | str"] = {}
+
+
+def register_backend(name: str, factory: "Callable[[], AbstractBackend] | str") -> None:
+    """Register a backend under ``name``: a zero-argument factory, or ``"module:attribute"`` imported on first
+    use (so that optional backends cost nothing until selected)."""
+    _REGISTRY[name] = factory
+
+
+def available_backends() -> tuple[str, ...]:
+    """Names of the registered backends (registered, not necessarily importable here)."""
+    return tuple(_REGISTRY)
+
+
+def get_backend(backend: "str | AbstractBackend | None" = None) -> AbstractBackend:
+    """A backend instance from a name (``None`` means ``"jax"``) or an instance (returned as is)."""
+    if isinstance(backend, AbstractBackend):
+        return backend
+    name = "jax" if backend is None else backend
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ProblemError(
+            f"backend must be one of {sorted(_REGISTRY)} or an AbstractBackend instance, got {backend!r}"
+        )
+    factory = _REGISTRY[name]
+    if isinstance(factory, str):
+        module_name, attr = factory.split(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except ImportError as e:
+            raise ProblemError(f"backend {name!r} is not available here: {e}") from e
+    return factory()

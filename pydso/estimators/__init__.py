@@ -1,0 +1,34 @@
+r"""Gradient estimators and the building blocks of learning from data (DESIGN.md §1.1–1.2, 1.5, 1.8)."""
+
+from ._base import AbstractEstimator as AbstractEstimator
+from ._base import Estimate as Estimate
+from ._base import jit_estimate as jit_estimate
+from ._base import mean_and_stderr as mean_and_stderr
+from ._baselines import AbstractBaseline as AbstractBaseline
+from ._baselines import MeanBaseline as MeanBaseline
+from ._baselines import NoBaseline as NoBaseline
+from ._baselines import StateValueBaseline as StateValueBaseline
+from ._fisher import NaturalGradient as NaturalGradient
+from ._fisher import batch_fisher_vector_product as batch_fisher_vector_product
+from ._fisher import compatible_natural_gradient as compatible_natural_gradient
+from ._fisher import conjugate_gradient as conjugate_gradient
+from ._fisher import fisher_vector_product as fisher_vector_product
+from ._fisher import natural_gradient_direction as natural_gradient_direction
+from ._logged import LinearValue as LinearValue
+from ._logged import LoggedBatch as LoggedBatch
+from ._logged import as_batch as as_batch
+from ._logged import concatenate_batches as concatenate_batches
+from ._logged import effective_sample_size as effective_sample_size
+from ._logged import ess_report as ess_report
+from ._logged import fit_value_linear as fit_value_linear
+from ._logged import fit_value_network as fit_value_network
+from ._logged import importance_weights as importance_weights
+from ._logged import iter_batches as iter_batches
+from ._logged import log_ratios as log_ratios
+from ._logged import offpolicy_gradient as offpolicy_gradient
+from ._logged import offpolicy_objective as offpolicy_objective
+from ._pathwise import Pathwise as Pathwise
+from ._pathwise import pathwise_gradient as pathwise_gradient
+from ._score import Score as Score
+from ._score import score_gradient as score_gradient
+from ._select import as_estimator as as_estimator
