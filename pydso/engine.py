@@ -92,7 +92,9 @@ def shard_episodes(keys: jax.Array) -> jax.Array:
 
 
 @eqx.filter_jit
-def rollout_chunk(problem: Problem, theta, keys, backend=None):
+def rollout_chunk(problem: Problem, theta: PyTree, keys: jax.Array, backend: "str | AbstractBackend | None" = None):
+    """Simulate one episode per key with ``backend`` (compiled once per problem, backend and shape) and wrap the
+    result as :class:`Trajectories`. Traceable: estimators call it inside their own compiled functions."""
     b = get_backend(backend).simulate(problem, theta, keys)
     w, _ = problem.setting.weights()
     return Trajectories(

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from .._errors import ProblemError
 from .._typing import PyTree
+from ..backends import AbstractBackend
 from ..backends.jax._simulate import simulate_episode
 from ..systems import Problem
 from ._base import AbstractEstimator, Estimate, mean_and_stderr
@@ -28,6 +29,7 @@ class Pathwise(AbstractEstimator):
     """
 
     checkpoints: int | None = eqx.field(static=True, default=None)
+    backend: "str | AbstractBackend | None" = eqx.field(static=True, default=None)
 
     def check(self, problem):
         if not problem.system.reparameterized:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from .._errors import ProblemError
 from .._typing import PyTree
+from ..backends import AbstractBackend
 from ..engine import rollout_chunk
 from ..systems import Problem
 from ._base import AbstractEstimator, Estimate, mean_and_stderr
@@ -43,6 +44,7 @@ class Score(AbstractEstimator):
     """
 
     baseline: AbstractBaseline = eqx.field(default_factory=MeanBaseline)
+    backend: "str | AbstractBackend | None" = eqx.field(static=True, default=None)
 
     def check(self, problem):
         if not problem.system.has_log_prob:
@@ -52,7 +54,7 @@ class Score(AbstractEstimator):
             )
 
     def _estimate(self, problem, theta, keys):
-        traj = jax.lax.stop_gradient(rollout_chunk(problem, theta, keys))
+        traj = jax.lax.stop_gradient(rollout_chunk(problem, theta, keys, self.backend))
         n = keys.shape[0]
         targets = traj.cost_to_go()[:, 1:]
         if isinstance(self.baseline, MeanBaseline) and n < 2:
