@@ -11,7 +11,7 @@ import importlib.util
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import IO
 
 from ._errors import ProblemError
@@ -91,9 +91,3 @@ def load_object(spec: str, *, what: str = "factory", error: type[Exception] = Pr
     if not hasattr(module, attr):
         raise error(f"{what}: {module_name!r} has no attribute {attr!r}")
     return getattr(module, attr)
-
-
-def call_factory(spec: str, *, what: str = "factory", error: type[Exception] = ProblemError) -> object:
-    """:func:`load_object`, then call it with no arguments if it is a plain function or class."""
-    obj = load_object(spec, what=what, error=error)
-    return obj() if isinstance(obj, Callable) and isinstance(obj, type(call_factory) | type) else obj

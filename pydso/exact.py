@@ -30,7 +30,6 @@ and set to zero off it (where a smooth non-negative :math:`P` has :math:`\nabla 
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -39,9 +38,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._errors import ProblemError
+from ._typing import PyTree
 from .systems import AverageCost, Categorical, Episodic, Problem, TabularChain
-
-PyTree = Any
 
 __all__ = [
     "chain",

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .._checks import check_positive_int
 from .._io import atomic_write, fsync_path
 from ._schema import SCHEMA_VERSION, DatasetError, validate
 
@@ -81,9 +82,7 @@ def _locked(root: Path) -> Iterator[None]:
 def _episodes_per_chunk(ds: xr.Dataset, episodes_per_chunk: int | None) -> int:
     n = ds.sizes["episode"]
     if episodes_per_chunk is not None:
-        if isinstance(episodes_per_chunk, bool) or not isinstance(episodes_per_chunk, int) or episodes_per_chunk < 1:
-            raise DatasetError(f"episodes_per_chunk must be a positive integer, got {episodes_per_chunk!r}")
-        return min(episodes_per_chunk, n)
+        return min(check_positive_int(episodes_per_chunk, "episodes_per_chunk", error=DatasetError), n)
     per_episode = sum(v.dtype.itemsize * math.prod(v.shape[1:]) for v in ds.data_vars.values())
     return int(min(n, max(1, _CHUNK_BYTES // max(per_episode, 1))))
 
@@ -437,12 +436,7 @@ def iter_chunks(ds: xr.Dataset, episodes_per_chunk: int | None = None) -> Iterat
                 break
         bounds = np.cumsum([0, *sizes]) if sizes else np.array([0, n])
     else:
-        if (
-            isinstance(episodes_per_chunk, bool)
-            or not isinstance(episodes_per_chunk, int | np.integer)
-            or episodes_per_chunk < 1
-        ):
-            raise DatasetError(f"episodes_per_chunk must be a positive integer, got {episodes_per_chunk!r}")
+        check_positive_int(episodes_per_chunk, "episodes_per_chunk", error=DatasetError)
         bounds = np.append(np.arange(0, n, int(episodes_per_chunk)), n)
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
         bounds = np.delete(bounds, -2)

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import diffrax
 import numpy as np
-from diffrax._local_interpolation import ThirdOrderHermitePolynomialInterpolation
+from diffrax import ThirdOrderHermitePolynomialInterpolation
 
 __all__ = ["RK4", "RK4ThreeEighths", "tableau_of", "fixed_step_applies"]
 
