@@ -1,4 +1,4 @@
-"""Ensemble ODE throughput: pydso's fixed-step fast path vs jax.vmap(diffrax), torchdiffeq and scipy.
+"""Ensemble ODE throughput: pydso's public path and its fixed-step kernel vs jax.vmap(diffrax), torchdiffeq and scipy.
 
 Lorenz (sigma=10, rho=28, beta=8/3), 1000 fixed steps of dt=0.01, fp64, N trajectories. Every pairing uses the
 same Butcher tableau and step, so all contenders compute the same discrete solution:
@@ -16,7 +16,22 @@ same run with a large matmul. Adaptive: the engine runs adaptive solves as ``jax
 no fast path (ratio 1 by construction); we report vmap (lock-step: every trajectory pays for the slowest) vs a
 sequential ``lax.map`` of single solves.
 
+**Public path** (``public_path`` in the results): the job users run — Lorenz with the running cost ``L = x @ x``
+integrated over every step, 1000 RK4 (3/8) steps, every state saved — timed three ways on the same initial states
+(drawn from the problem's initial distribution with the rollout's own per-episode keys):
+
+* ``pydso.rollout(problem, theta, key=key, n=N)`` and ``pydso.pathwise_gradient(...)`` (the gradient of the mean
+  objective plus its batch-means standard error), end to end, finiteness check included;
+* the private kernel doing the same job: ``jax.jit`` of ``fixed_step_ensemble(..., cost=L)`` (states ``(N, 1001, 3)``
+  and step costs ``(N, 1000)``) and ``jax.jit(jax.grad(...))`` of the mean of its summed costs;
+* plain diffrax: ``jax.jit(jax.vmap(diffrax.diffeqsolve(RK4ThreeEighths(), SaveAt(ts=every step))))`` with the cost
+  as an augmented state, and ``jax.grad`` of the same mean (``RecursiveCheckpointAdjoint``).
+
+Timings are interleaved (one call of each contender per round) and the minimum over rounds is reported with the
+maximum, because other jobs share the machine.
+
 Usage: python benchmarks/bench_ensemble_ode.py [--sizes 100 1000 10000 100000] [--reps 3] [--quick]
+       python benchmarks/bench_ensemble_ode.py --public-only [--public-sizes 1000 10000] [--public-reps 5]
 """
 
 import argparse
@@ -36,9 +51,9 @@ import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pydso._fastpath import RK4ThreeEighths, fixed_step_ensemble
 
-import pydso  # noqa: F401  (enables fp64)
+import pydso  # enables fp64
+from pydso.backends.jax import RK4ThreeEighths, fixed_step_ensemble
 
 SIGMA, RHO, BETA = 10.0, 28.0, 8.0 / 3.0
 DT, STEPS = 0.01, 1000
@@ -176,6 +191,140 @@ def step_flops(solver, n=1024):
     return float(ca["flops"]) / n
 
 
+# ------------------------------------------------------------------------------------------- public path
+def running_cost(x, th):
+    return x @ x
+
+
+def public_problem():
+    return pydso.Problem(
+        pydso.ODESystem(lorenz, dt=DT, solver=RK4ThreeEighths()),
+        running_cost,
+        pydso.FiniteHorizon(STEPS),
+        pydso.Normal(jnp.array([1.0, 1.0, 20.0]), 1.0),
+    )
+
+
+def kernel_job(x0, th):
+    """The private kernel doing the rollout's job: every state and every step's cost integral."""
+    return fixed_step_ensemble(lorenz, x0, th, dt=DT, n_steps=STEPS, solver=RK4ThreeEighths(), cost=running_cost)
+
+
+def diffrax_job(x0, th):
+    """Plain diffrax doing the same job: vmap of diffeqsolve with the cost as an augmented state."""
+    ts = jnp.linspace(0.0, DT * STEPS, STEPS + 1)
+
+    def one(x0):
+        def field(t, y, th):
+            x, _ = y
+            return lorenz(t, x, th), running_cost(x, th)
+
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            RK4ThreeEighths(),
+            t0=0.0,
+            t1=DT * STEPS,
+            dt0=DT,
+            y0=(x0, jnp.zeros((), x0.dtype)),
+            args=th,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=diffrax.ConstantStepSize(),
+            max_steps=STEPS + 8,
+        )
+        return sol.ys[0], jnp.diff(sol.ys[1])
+
+    return jax.vmap(one)(x0)
+
+
+def interleaved(contenders, reps):
+    """Time each zero-argument contender ``reps`` times, one call of each per round; min and max per contender."""
+    times = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, fn in contenders.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t)
+    return {name: (min(ts), max(ts)) for name, ts in times.items()}
+
+
+def public_path_rows(sizes, reps):
+    problem = public_problem()
+    key = jax.random.key(0)
+    kernel = jax.jit(kernel_job)
+    dfx = jax.jit(diffrax_job)
+    kernel_grad = jax.jit(jax.grad(lambda th, x0: jnp.mean(jnp.sum(kernel_job(x0, th)[1], axis=1))))
+    dfx_grad = jax.jit(jax.grad(lambda th, x0: jnp.mean(jnp.sum(diffrax_job(x0, th)[1], axis=1))))
+    rows = []
+    for n in sizes:
+        x0 = jax.vmap(problem.initial.sample)(pydso.engine.episode_keys(key, n))  # the rollout's initial states
+        contenders = {
+            "rollout": lambda n=n: pydso.rollout(problem, THETA, key=key, n=n),
+            "kernel": lambda x0=x0: kernel(x0, THETA),
+            "diffrax": lambda x0=x0: dfx(x0, THETA),
+            "pathwise_gradient": lambda n=n: pydso.pathwise_gradient(problem, THETA, key=key, n=n),
+            "kernel_grad": lambda x0=x0: kernel_grad(THETA, x0),
+            "diffrax_grad": lambda x0=x0: dfx_grad(THETA, x0),
+        }
+        first = {}
+        for name, fn in contenders.items():  # first call: compilation included
+            t = time.perf_counter()
+            out = jax.block_until_ready(fn())
+            first[name] = time.perf_counter() - t
+            if name == "rollout":
+                traj = out
+            elif name == "kernel":
+                k_states, k_costs = out
+            elif name == "diffrax":
+                d_states, d_costs = out
+            elif name == "pathwise_gradient":
+                g_public = np.asarray(out.gradient)
+            elif name == "kernel_grad":
+                g_kernel = np.asarray(out)
+        best = interleaved(contenders, reps)
+        scale = float(np.max(np.abs(np.asarray(d_states))))
+        row = {
+            "N": n,
+            "job": "Lorenz, L = x @ x, 1000 RK4 (3/8) steps of dt=0.01, every state and step cost saved, fp64",
+            "reps": reps,
+            "seconds_min": {k: v[0] for k, v in best.items()},
+            "seconds_max": {k: v[1] for k, v in best.items()},
+            "first_call_s": first,
+            "steps_per_s": {k: n * STEPS / v[0] for k, v in best.items()},
+            "rollout_over_kernel": best["rollout"][0] / best["kernel"][0],
+            "pathwise_over_kernel_grad": best["pathwise_gradient"][0] / best["kernel_grad"][0],
+            "diffrax_over_rollout": best["diffrax"][0] / best["rollout"][0],
+            "diffrax_grad_over_pathwise": best["diffrax_grad"][0] / best["pathwise_gradient"][0],
+            "diffrax_over_kernel": best["diffrax"][0] / best["kernel"][0],
+            "diffrax_grad_over_kernel_grad": best["diffrax_grad"][0] / best["kernel_grad"][0],
+            "max_abs_diff_rollout_vs_kernel_states": float(np.max(np.abs(np.asarray(traj.states) - k_states))),
+            "max_abs_diff_kernel_vs_diffrax_states_rel": float(np.max(np.abs(k_states - d_states))) / scale,
+            "max_rel_diff_kernel_vs_diffrax_costs": float(
+                np.max(np.abs(np.asarray(k_costs) - np.asarray(d_costs)) / np.abs(np.asarray(d_costs)))
+            ),
+            "max_rel_diff_gradient_public_vs_kernel": float(np.max(np.abs(g_public - g_kernel) / np.abs(g_kernel))),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_public_rows(rows):
+    print(
+        "\n| N | rollout steps/s | kernel steps/s | diffrax steps/s | rollout / kernel | x diffrax "
+        "| pathwise_gradient steps/s | kernel grad steps/s | diffrax grad steps/s | pathwise / kernel grad "
+        "| x diffrax grad |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["steps_per_s"]
+        print(
+            f"| {r['N']:.0e} | {s['rollout']:.3g} | {s['kernel']:.3g} | {s['diffrax']:.3g} "
+            f"| {r['rollout_over_kernel']:.2f} | {r['diffrax_over_rollout']:.1f} | {s['pathwise_gradient']:.3g} "
+            f"| {s['kernel_grad']:.3g} | {s['diffrax_grad']:.3g} | {r['pathwise_over_kernel_grad']:.2f} "
+            f"| {r['diffrax_grad_over_pathwise']:.1f} |"
+        )
+
+
 def machine_info():
     cpu = "unknown"
     try:
@@ -208,6 +357,13 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000, 100000])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="sizes 100 1000, 2 reps")
+    ap.add_argument("--public-sizes", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--public-reps", type=int, default=5)
+    ap.add_argument(
+        "--public-only",
+        action="store_true",
+        help="only the public-path rows; merged into an existing results file (its kernel rows are kept)",
+    )
     ap.add_argument("--out", default=None, help="default: results/ensemble_ode[_<N>cpu].json")
     ap.add_argument(
         "--cpu-devices",
@@ -223,6 +379,16 @@ def main():
         args.sizes, args.reps = [100, 1000], 2
 
     info = machine_info()
+    if args.public_only:
+        public = public_path_rows(args.public_sizes, args.public_reps)
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result["public_path"] = public
+        result["public_path_machine"] = info | {"loadavg_at_end": os.getloadavg()}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print_public_rows(public)
+        return
     peak, peak_detail = matmul_peak()
     flops = {"RK4-3/8": step_flops(RK4ThreeEighths()), "Tsit5": step_flops(diffrax.Tsit5())}
     sc_rate, sc_steps = scipy_rate()
@@ -275,6 +441,8 @@ def main():
         adaptive.append(entry)
         print(json.dumps(entry), flush=True)
 
+    public = public_path_rows(args.public_sizes, args.public_reps)
+
     result = {
         "benchmark": "Lorenz ensemble, 1000 fixed steps, dt=0.01, fp64",
         "machine": info,
@@ -289,6 +457,7 @@ def main():
         },
         "fixed_step": rows,
         "adaptive_tsit5_pid_1e-8": adaptive,
+        "public_path": public,
         "loadavg_at_end": os.getloadavg(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -314,6 +483,7 @@ def main():
             f"adaptive Tsit5 PID 1e-8, N={a['N']}: vmap {a['vmap']['s']:.3f}s, lax.map {a['lax_map']['s']:.3f}s "
             f"(mean {a['vmap']['mean_accepted_steps']:.0f} steps/trajectory); pydso = diffrax vmap (ratio 1)"
         )
+    print_public_rows(public)
 
 
 if __name__ == "__main__":

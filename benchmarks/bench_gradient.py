@@ -18,9 +18,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pydso._fastpath import RK4, fixed_step_ensemble
 
 import pydso  # noqa: F401  (enables fp64)
+from pydso.backends.jax import RK4, fixed_step_ensemble
 
 DT = 0.01
 

@@ -1,9 +1,10 @@
 r"""Simulation: compiled rollouts of a :class:`~pydso.Problem` into :class:`Trajectories`.
 
-Discrete-time chains run as one ``lax.scan`` over time, vectorised over episodes with ``vmap``; ODE and SDE
-systems go through :func:`diffrax.diffeqsolve` with the system's solver, step-size controller and adjoint.
-Everything is compiled once per problem (``equinox.filter_jit``: the problem's callables are static, arrays
-are traced), and large ensembles run in chunks of ``chunk_size`` episodes of one compiled shape.
+The engine owns orchestration — keys, chunks, sharding over devices, finiteness checks, recording to a store — and
+leaves the numerics of each chunk to a backend (:mod:`pydso.backends`; by default :class:`~pydso.backends.JaxBackend`,
+which runs fixed-step ODE/SDE problems as one struct-of-arrays kernel over the whole chunk and everything else through
+diffrax or a scan). Everything is compiled once per problem (``equinox.filter_jit``: the problem's callables are
+static, arrays are traced), and large ensembles run in chunks of ``chunk_size`` episodes of one compiled shape.
 
 Randomness: ``key`` is split into one key per episode *before* chunking, so the same ``key`` gives the same
 trajectories whatever ``chunk_size`` is.
@@ -22,7 +23,7 @@ from ._checks import check_key, check_positive_int
 from ._errors import DivergenceError
 from ._progress import progress_bar
 from ._typing import PyTree
-from .backends import AbstractBackend, get_backend
+from .backends import AbstractBackend, EpisodeBatch, get_backend
 from .systems import Problem
 
 __all__ = [
@@ -95,11 +96,26 @@ def shard_episodes(keys: jax.Array) -> jax.Array:
 def rollout_chunk(problem: Problem, theta: PyTree, keys: jax.Array, backend: "str | AbstractBackend | None" = None):
     """Simulate one episode per key with ``backend`` (compiled once per problem, backend and shape) and wrap the
     result as :class:`Trajectories`. Traceable: estimators call it inside their own compiled functions."""
-    b = get_backend(backend).simulate(problem, theta, keys)
+    return _trajectories(problem, get_backend(backend).simulate(problem, theta, keys))
+
+
+def _trajectories(problem: Problem, b: EpisodeBatch) -> Trajectories:
     w, _ = problem.setting.weights()
     return Trajectories(
         b.states, b.costs, b.terminal_costs, b.log_probs, b.alive, jnp.asarray(w, b.costs.dtype), b.terminal_weights
     )
+
+
+@eqx.filter_jit
+def _rollout_chunk_checked(problem: Problem, theta: PyTree, keys: jax.Array, backend: AbstractBackend):
+    """:func:`rollout_chunk` plus, per episode, whether all its states are finite: tracked by the backend during the
+    solve where it can (:attr:`EpisodeBatch.finite`), else one compiled pass over the states (not a NumPy pass on
+    the host)."""
+    b = backend.simulate(problem, theta, keys)
+    finite = b.finite
+    if finite is None:
+        finite = jnp.all(jnp.isfinite(b.states).reshape(b.states.shape[0], -1), axis=1)
+    return _trajectories(problem, b), finite
 
 
 def rollout(
@@ -138,6 +154,8 @@ def rollout(
     key = check_key(key)
     n = check_positive_int(n, "n")
     problem.check_theta(theta)
+    backend = get_backend(backend)
+    backend.check(problem)
     keys = episode_keys(key, n)
     chunk = min(n if chunk_size is None else check_positive_int(chunk_size, "chunk_size"), n)
     n_chunks = -(-n // chunk)
@@ -151,10 +169,13 @@ def rollout(
             pad = chunk - k.shape[0]
             if pad:
                 k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (pad,))])
-            piece = rollout_chunk(problem, theta, shard_episodes(k), get_backend(backend))
+            if check:
+                piece, finite = _rollout_chunk_checked(problem, theta, shard_episodes(k), backend)
+            else:
+                piece = rollout_chunk(problem, theta, shard_episodes(k), backend)
             if pad:
                 piece = _take(piece, slice(0, chunk - pad))
-            if check:
+            if check and not bool(np.all(np.asarray(finite)[: chunk - pad])):
                 _check_finite_states(piece, offset=i * chunk, n=n)
             if staging is not None:
                 _record(piece, problem, theta, staging)
@@ -186,6 +207,7 @@ def _commit_recording(staging: str, path):
 
 
 def _check_finite_states(traj: "Trajectories", offset: int, n: int) -> None:
+    """Raise :class:`DivergenceError` naming the first non-finite state (called only when there is one)."""
     m = traj.states.shape[0]
     finite = np.isfinite(np.asarray(traj.states, dtype=float)).reshape(m, traj.states.shape[1], -1).all(-1)
     if not finite.all():

@@ -27,9 +27,7 @@ import numpy as np
 
 from ._checks import check_finite_tree
 from ._errors import ProblemError
-from .backends.jax._solvers import fixed_step_applies
-
-PyTree = Any
+from ._typing import PyTree
 
 __all__ = [
     "AbstractSystem",
@@ -196,11 +194,10 @@ class ODESystem(AbstractSystem):
     optimise, exact gradients of the discrete solve) or ``diffrax.BacksolveAdjoint()`` (continuous adjoint,
     O(1) memory, but documented by diffrax as less stable: do not use it for chaotic or stiff systems).
 
-    ``integrator`` chooses the simulation path: ``"auto"`` (default) uses pydso's fixed-step struct-of-arrays
-    fast path (:mod:`pydso._fastpath`, one fused scan over the ensemble) whenever it computes the same discrete
-    solution as diffrax — constant step, explicit Runge–Kutta tableau, discretise-then-optimise adjoint — and
-    :func:`diffrax.diffeqsolve` otherwise; ``"fastpath"`` or ``"diffrax"`` force one (``"fastpath"`` raises
-    :class:`~pydso.ProblemError` where it does not apply).
+    The system says *what* to solve; *how* is the backend's choice: :class:`pydso.backends.JaxBackend` runs a
+    constant-step explicit Runge–Kutta solve with a discretise-then-optimise adjoint on its struct-of-arrays fast
+    path (the same discrete solution as diffrax) and everything else through :func:`diffrax.diffeqsolve`
+    (``backend=pydso.backends.JaxBackend(integrator="diffrax")`` forces the reference path).
     """
 
     vector_field: Callable = eqx.field(static=True)
@@ -211,7 +208,6 @@ class ODESystem(AbstractSystem):
     )
     adjoint: diffrax.AbstractAdjoint = eqx.field(static=True, default_factory=_default_adjoint)
     max_steps: int = eqx.field(static=True, default=100_000)
-    integrator: str = eqx.field(static=True, default="auto")
     stochastic: ClassVar[bool] = False
     reparameterized: ClassVar[bool] = True
     has_log_prob: ClassVar[bool] = False
@@ -219,31 +215,16 @@ class ODESystem(AbstractSystem):
     def __check_init__(self):
         if not (isinstance(self.dt, int | float) and np.isfinite(self.dt) and self.dt > 0):
             raise ProblemError(f"ODESystem.dt must be a positive finite number, got {self.dt!r}")
-        if self.integrator not in ("auto", "fastpath", "diffrax"):
-            raise ProblemError(f"ODESystem.integrator must be 'auto', 'fastpath' or 'diffrax', got {self.integrator!r}")
-        if self.integrator == "fastpath":
-            if not fixed_step_applies(self.solver, self.stepsize_controller, self.adjoint):
-                raise ProblemError(
-                    "ODESystem.integrator='fastpath' needs diffrax.ConstantStepSize, an explicit Runge-Kutta solver "
-                    "and RecursiveCheckpointAdjoint/DirectAdjoint; use 'auto' or 'diffrax' for this system"
-                )
-
-    @property
-    def uses_fastpath(self) -> bool:
-        """Whether simulations of this system run on the fixed-step fast path (see ``integrator``)."""
-        if self.integrator == "diffrax":
-            return False
-        return fixed_step_applies(self.solver, self.stepsize_controller, self.adjoint)
 
 
 class SDESystem(AbstractSystem):
     r"""A closed-loop Itô SDE :math:`dx = f(t,x,\theta)\,dt + g(t,x,\theta)\odot dW` (diagonal noise).
 
-    Simulated by Euler–Maruyama with step ``dt`` — by default on pydso's fast path (a ``lax.scan`` with its own
-    Gaussian increments), or by diffrax on a virtual Brownian tree (``integrator="diffrax"``, or any other diffrax
-    ``solver``) — so the rollout is reparameterised and the pathwise estimator applies. :meth:`log_prob` is the
-    Euler–Maruyama transition density :math:`N(x + f\,dt,\ g^2\,dt)`, exact for the default solver (use the
-    score estimator only with it).
+    Simulated with step ``dt`` by ``solver`` (default ``diffrax.Euler()``, i.e. Euler–Maruyama), so the rollout is
+    reparameterised and the pathwise estimator applies. How the Brownian increments are drawn is the backend's
+    choice (:class:`pydso.backends.JaxBackend`: its own Gaussian increments on the fast path, or a diffrax virtual
+    Brownian tree). :meth:`log_prob` is the Euler–Maruyama transition density :math:`N(x + f\,dt,\ g^2\,dt)`,
+    exact for the default solver (use the score estimator only with it).
     """
 
     drift: Callable = eqx.field(static=True)
@@ -251,7 +232,6 @@ class SDESystem(AbstractSystem):
     dt: float = eqx.field(static=True, default=0.01)
     solver: diffrax.AbstractSolver = eqx.field(static=True, default_factory=diffrax.Euler)
     adjoint: diffrax.AbstractAdjoint = eqx.field(static=True, default_factory=_default_adjoint)
-    integrator: str = eqx.field(static=True, default="auto")
     stochastic: ClassVar[bool] = True
     reparameterized: ClassVar[bool] = True
     has_log_prob: ClassVar[bool] = True
@@ -259,26 +239,6 @@ class SDESystem(AbstractSystem):
     def __check_init__(self):
         if not (isinstance(self.dt, int | float) and np.isfinite(self.dt) and self.dt > 0):
             raise ProblemError(f"SDESystem.dt must be a positive finite number, got {self.dt!r}")
-        if self.integrator not in ("auto", "fastpath", "diffrax"):
-            raise ProblemError(f"SDESystem.integrator must be 'auto', 'fastpath' or 'diffrax', got {self.integrator!r}")
-        if self.integrator == "fastpath" and not self._fastpath_applies():
-            raise ProblemError(
-                "SDESystem.integrator='fastpath' is Euler-Maruyama: it needs solver=diffrax.Euler() and "
-                "RecursiveCheckpointAdjoint/DirectAdjoint; use 'auto' or 'diffrax' for this system"
-            )
-
-    def _fastpath_applies(self) -> bool:
-        return type(self.solver) is diffrax.Euler and isinstance(
-            self.adjoint, diffrax.RecursiveCheckpointAdjoint | diffrax.DirectAdjoint
-        )
-
-    @property
-    def uses_fastpath(self) -> bool:
-        """Whether rollouts use pydso's Euler–Maruyama scan (own Gaussian increments, one per step from
-        ``fold_in(key, step)``) instead of :func:`diffrax.diffeqsolve` on a ``VirtualBrownianTree``. Both are the
-        same Euler–Maruyama scheme; they differ only in how the Brownian increments are generated, so their
-        sample paths agree in distribution (and exactly when driven by the same increments, see the tests)."""
-        return self.integrator != "diffrax" and self._fastpath_applies()
 
     def log_prob(self, t, x, x_next, theta):
         mean = x + self.drift(t, x, theta) * self.dt

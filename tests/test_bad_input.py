@@ -138,12 +138,12 @@ def test_pathwise_estimator_needs_reparameterisation():
 
 def test_unknown_estimator_name():
     with pytest.raises(pydso.ProblemError, match="unknown estimator 'reinforce'"):
-        pydso.minimize(linear_chain(), THETA, key=KEY, steps=1, estimator="reinforce")
+        pydso.minimize(linear_chain(), THETA, key=KEY, steps=1, method=pydso.Gradient(estimator="reinforce"))
 
 
 def test_optimizer_must_be_optax():
     with pytest.raises(pydso.ProblemError, match="optax GradientTransformation"):
-        pydso.minimize(linear_chain(), THETA, key=KEY, steps=1, optimizer="adam")
+        pydso.minimize(linear_chain(), THETA, key=KEY, steps=1, method=pydso.Gradient(optimizer="adam"))
 
 
 def test_bad_initial_distributions():

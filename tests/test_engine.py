@@ -155,39 +155,143 @@ def _lorenz(t, x, th):
     return jnp.array([th[0] * (x[1] - x[0]), x[0] * (th[1] - x[2]) - x[1], x[0] * x[1] - th[2] * x[2]])
 
 
-def test_fast_path_is_the_default_and_matches_diffrax_rollout_and_gradient():
+DIFFRAX = pydso.backends.JaxBackend(integrator="diffrax")
+FASTPATH = pydso.backends.JaxBackend(integrator="fastpath")
+
+
+def _lorenz_problem(solver, horizon=200):
+    return pydso.Problem(
+        pydso.ODESystem(_lorenz, dt=0.01, solver=solver),
+        lambda x, th: x @ x,
+        pydso.FiniteHorizon(horizon),
+        pydso.Normal(jnp.ones(3), 1.0),
+        terminal_cost=lambda x, th: x[2] + 0.1 * th[0] * x[0],
+    )
+
+
+@pytest.mark.parametrize("solver", ["Tsit5", "RK4ThreeEighths"])
+def test_fast_path_is_the_default_and_matches_diffrax_rollout_and_gradient(solver):
     import diffrax
 
-    def problem(integrator):
-        return pydso.Problem(
-            pydso.ODESystem(_lorenz, dt=0.01, solver=diffrax.Tsit5(), integrator=integrator),
-            lambda x, th: x @ x,
-            pydso.FiniteHorizon(200),
-            pydso.Normal(jnp.ones(3), 1.0),
-            terminal_cost=lambda x, th: x[2],
-        )
+    problem = _lorenz_problem(diffrax.Tsit5() if solver == "Tsit5" else pydso.backends.jax.RK4ThreeEighths())
+    from pydso.backends.jax._simulate import choose_integrator
 
-    fast, ref = problem("auto"), problem("diffrax")
-    assert fast.system.uses_fastpath and not ref.system.uses_fastpath
+    assert choose_integrator(problem, "auto") == "fastpath"
     theta = jnp.array([10.0, 28.0, 8.0 / 3.0])
-    a, b = pydso.rollout(fast, theta, key=KEY, n=8), pydso.rollout(ref, theta, key=KEY, n=8)
+    a = pydso.rollout(problem, theta, key=KEY, n=8)
+    b = pydso.rollout(problem, theta, key=KEY, n=8, backend=DIFFRAX)
+    c = pydso.rollout(problem, theta, key=KEY, n=8, backend=FASTPATH)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     scale = np.max(np.abs(np.asarray(b.states)))
     np.testing.assert_allclose(np.asarray(a.states), np.asarray(b.states), rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(np.asarray(a.costs), np.asarray(b.costs), rtol=1e-11)
+    np.testing.assert_allclose(np.asarray(a.terminal_costs), np.asarray(b.terminal_costs), rtol=1e-11)
     np.testing.assert_allclose(np.asarray(a.objective), np.asarray(b.objective), rtol=1e-12)
-    ga = pydso.pathwise_gradient(fast, theta, key=KEY, n=4).gradient
-    gb = pydso.pathwise_gradient(ref, theta, key=KEY, n=4).gradient
-    np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=1e-9)
+    # gradients: batch means (3 groups of 3, one of 1) against the diffrax reference per episode (groups >= n)
+    ga = pydso.Pathwise(groups=4).estimate(problem, theta, key=KEY, n=10)
+    gb = pydso.Pathwise(backend=DIFFRAX, groups=10).estimate(problem, theta, key=KEY, n=10)
+    np.testing.assert_allclose(np.asarray(ga.gradient), np.asarray(gb.gradient), rtol=1e-10)
+    np.testing.assert_allclose(float(ga.objective), float(gb.objective), rtol=1e-12)
+    np.testing.assert_allclose(float(ga.objective_stderr), float(gb.objective_stderr), rtol=1e-10)
+
+
+def test_pathwise_batch_means_standard_error():
+    # Per-episode gradients of the Lorenz objective through diffrax (the reference path), grouped by hand: the
+    # estimator's mean is their mean and its stderr the batch-means formula; with groups >= n the usual one.
+    import diffrax
+
+    problem = _lorenz_problem(diffrax.Tsit5(), horizon=60)
+    theta = jnp.array([10.0, 28.0, 8.0 / 3.0])
+    n = 11
+    keys = pydso.engine.episode_keys(KEY, n)
+
+    def objective(theta, key):
+        traj = pydso.engine.rollout_chunk(problem, theta, key[None], DIFFRAX)
+        return traj.objective[0]
+
+    g = np.asarray(jax.vmap(jax.grad(objective), in_axes=(None, 0))(theta, keys))
+    est = pydso.Pathwise(groups=4).estimate(problem, theta, key=KEY, n=n)  # m = 3: groups of 3, 3, 3, 2
+    means = np.stack([g[0:3].mean(0), g[3:6].mean(0), g[6:9].mean(0), g[9:11].mean(0)])
+    frac = np.array([3, 3, 3, 2]) / n
+    mean = frac @ means
+    se = np.sqrt(4 / 3 * ((frac[:, None] * (means - mean)) ** 2).sum(0))
+    np.testing.assert_allclose(np.asarray(est.gradient), g.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(est.stderr), se, rtol=1e-8)
+    per_episode = pydso.Pathwise(groups=n).estimate(problem, theta, key=KEY, n=n)
+    np.testing.assert_allclose(np.asarray(per_episode.stderr), g.std(0, ddof=1) / np.sqrt(n), rtol=1e-8)
+
+
+def test_pathwise_two_groups_equal_per_episode_gradients():
+    # 2 groups of 33 episodes against 66 groups of one (the per-episode estimator).
+    problem = _lorenz_problem(pydso.backends.jax.RK4(), horizon=30)
+    theta = jnp.array([10.0, 28.0, 8.0 / 3.0])
+    seq = pydso.Pathwise(groups=2).estimate(problem, theta, key=KEY, n=66)
+    per = pydso.Pathwise(groups=66).estimate(problem, theta, key=KEY, n=66)
+    np.testing.assert_allclose(np.asarray(seq.gradient), np.asarray(per.gradient), rtol=1e-10)
+    np.testing.assert_allclose(float(seq.objective), float(per.objective), rtol=1e-12)
+    assert np.all(np.isfinite(np.asarray(seq.stderr))) and np.all(np.asarray(seq.stderr) > 0)
+
+
+@pytest.mark.parametrize("kind", ["ode", "sde"])
+def test_fast_path_episodes_do_not_depend_on_the_chunk_size(kind):
+    # Each episode uses its own key only, so chunking cannot change what is simulated. The arithmetic agrees to
+    # rounding, not bitwise: XLA's CPU code generator contracts a*b+c into fused multiply-adds depending on array
+    # shapes (measured: bitwise equal with XLA_FLAGS=--xla_cpu_max_isa=AVX, which has no FMA). A key mix-up would
+    # show as O(1) differences.
+    if kind == "ode":
+        problem = _lorenz_problem(pydso.backends.jax.RK4(), horizon=30)
+        theta = jnp.array([10.0, 28.0, 8.0 / 3.0])
+    else:
+        problem = pydso.Problem(
+            pydso.SDESystem(lambda t, x, th: -th * x, lambda t, x, th: 0.3 + 0.1 * x**2, dt=0.01),
+            lambda x, th: x @ x,
+            pydso.FiniteHorizon(30),
+            pydso.Normal(jnp.ones(3), 1.0),
+            terminal_cost=lambda x, th: x[0],
+        )
+        theta = 1.3
+    whole = pydso.rollout(problem, theta, key=KEY, n=37)
+    for chunk in (1, 8, 16):
+        chunked = pydso.rollout(problem, theta, key=KEY, n=37, chunk_size=chunk)
+        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked), strict=True):
+            a, b = np.asarray(a, float), np.asarray(b, float)
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * max(1.0, np.max(np.abs(b))))
+
+
+@pytest.mark.parametrize("backend", [None, DIFFRAX])
+def test_diverging_ode_raises_and_names_the_episode(backend):
+    # x' = x^2 from x0 = a blows up at t = 1/a: only the episodes starting above 1/T = 1 diverge.
+    problem = pydso.Problem(
+        pydso.ODESystem(lambda t, x, th: x**2, dt=0.01, solver=pydso.backends.jax.RK4()),
+        lambda x, th: jnp.sum(x),
+        pydso.FiniteHorizon(100),
+        pydso.Empirical(jnp.array([[0.5], [0.6], [3.0], [0.2]])),
+    )
+    traj = pydso.rollout(problem, 0.0, key=KEY, n=6, check=False, backend=backend)
+    finite = np.isfinite(np.asarray(traj.states)).all(axis=(1, 2))
+    assert not finite.all() and finite.any()
+    first = int(np.argmin(finite))
+    with pytest.raises(pydso.DivergenceError, match=f"non-finite state in episode {first} "):
+        pydso.rollout(problem, 0.0, key=KEY, n=6, backend=backend)
 
 
 def test_fast_path_does_not_apply_to_adaptive_solves():
     import diffrax
 
-    adaptive = pydso.ODESystem(_lorenz, dt=0.01, stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8))
-    assert not adaptive.uses_fastpath
-    with pytest.raises(pydso.ProblemError, match="integrator='fastpath' needs diffrax.ConstantStepSize"):
-        pydso.ODESystem(
-            _lorenz, dt=0.01, stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8), integrator="fastpath"
-        )
+    problem = pydso.Problem(
+        pydso.ODESystem(_lorenz, dt=0.01, stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8)),
+        lambda x, th: x @ x,
+        pydso.FiniteHorizon(5),
+        pydso.Fixed(jnp.ones(3)),
+    )
+    from pydso.backends.jax._simulate import choose_integrator
+
+    assert choose_integrator(problem, "auto") == "diffrax"
+    with pytest.raises(pydso.ProblemError, match="integrator='fastpath'.*needs diffrax.ConstantStepSize"):
+        pydso.rollout(problem, jnp.array([10.0, 28.0, 8.0 / 3.0]), key=KEY, n=2, backend=FASTPATH)
+    with pytest.raises(pydso.ProblemError, match="integrator must be one of"):
+        pydso.backends.JaxBackend(integrator="rk4")
 
 
 def test_rollout_streams_chunks_to_a_store(tmp_path):
@@ -230,17 +334,14 @@ def test_sde_fast_path_equals_diffrax_euler_maruyama_on_the_same_increments():
         pydso.FiniteHorizon(horizon),
         pydso.Normal(jnp.ones(2), 0.5),
     )
-    assert problem.system.uses_fastpath
-    traj = pydso.rollout(problem, a, key=KEY, n=3)
+    traj = pydso.rollout(problem, a, key=KEY, n=3, backend=FASTPATH)
     # Rebuild each episode's increments exactly as the fast path draws them, and drive diffrax's Euler
     # (Euler-Maruyama) with them through a piecewise-linear Brownian path.
     ts = dt * jnp.arange(horizon + 1)
     for i, key in enumerate(pydso.engine.episode_keys(KEY, 3)):
         key0, key_bm = jax.random.split(key)
         x0 = problem.initial.sample(key0)
-        dw = jnp.sqrt(dt) * jnp.stack(
-            [jax.random.normal(jax.random.fold_in(key_bm, n), (2, 1))[:, 0] for n in range(horizon)]
-        )
+        dw = jnp.sqrt(dt) * jnp.stack([jax.random.normal(jax.random.fold_in(key_bm, n), (2,)) for n in range(horizon)])
         path = diffrax.LinearInterpolation(ts, jnp.concatenate([jnp.zeros((1, 2)), jnp.cumsum(dw, axis=0)]))
         terms = diffrax.MultiTerm(
             diffrax.ODETerm(lambda t, x, th: drift(t, x, th)),
@@ -250,14 +351,15 @@ def test_sde_fast_path_equals_diffrax_euler_maruyama_on_the_same_increments():
             terms, diffrax.Euler(), 0.0, horizon * dt, dt, x0, args=a, saveat=diffrax.SaveAt(ts=ts)
         )
         np.testing.assert_allclose(np.asarray(traj.states[i]), np.asarray(sol.ys), rtol=1e-12, atol=1e-13)
-    reference = pydso.Problem(
-        pydso.SDESystem(drift, diffusion, dt=dt, integrator="diffrax"),
-        lambda x, th: x @ x,
-        pydso.FiniteHorizon(horizon),
-        pydso.Normal(jnp.ones(2), 0.5),
-    )
-    assert not reference.system.uses_fastpath
-    assert pydso.rollout(reference, a, key=KEY, n=3).states.shape == traj.states.shape
+        # costs: left-point rule L(x_k) dt; log-densities: the Euler-Maruyama transition density
+        np.testing.assert_allclose(
+            np.asarray(traj.costs[i]), np.sum(np.asarray(sol.ys[:-1]) ** 2, axis=-1) * dt, rtol=1e-12
+        )
+        lp = problem.system.path_log_prob(sol.ys, a)
+        np.testing.assert_allclose(np.asarray(traj.log_probs[i]), np.asarray(lp), rtol=1e-10)
+    reference = pydso.rollout(problem, a, key=KEY, n=3, backend=DIFFRAX)
+    assert reference.states.shape == traj.states.shape
+    assert np.all(np.isfinite(np.asarray(reference.log_probs)))
 
 
 def test_recording_is_all_or_nothing_when_a_later_chunk_diverges(tmp_path):

@@ -25,6 +25,8 @@ class EpisodeBatch(eqx.Module):
     - ``alive``: ``(n, H+1)`` True while the episode has not entered the terminal set.
     - ``terminal_costs``: ``(n,)`` :math:`\Phi` at the state where the episode ends (zeros without one).
     - ``terminal_weights``: ``(n,)`` the setting's weight at that time.
+    - ``finite``: ``(n,)`` whether every state of the episode is finite, or None when the backend does not compute
+      it (the engine then checks ``states`` itself; a backend that tracks it during the solve saves that pass).
     """
 
     states: jax.Array
@@ -33,6 +35,7 @@ class EpisodeBatch(eqx.Module):
     alive: jax.Array
     terminal_costs: jax.Array
     terminal_weights: jax.Array
+    finite: jax.Array | None = None
 
 
 class AbstractBackend(eqx.Module):

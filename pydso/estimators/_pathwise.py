@@ -4,32 +4,57 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._checks import check_positive_int
 from .._errors import ProblemError
 from .._typing import PyTree
-from ..backends import AbstractBackend
-from ..backends.jax._simulate import simulate_episode
+from ..backends import AbstractBackend, get_backend
 from ..systems import Problem
-from ._base import AbstractEstimator, Estimate, mean_and_stderr
+from ._base import AbstractEstimator, Estimate
 
 __all__ = ["Pathwise", "pathwise_gradient"]
 
 
 class Pathwise(AbstractEstimator):
-    r"""The pathwise (reparameterisation) gradient of DESIGN.md §1.2: per episode,
-    :math:`\nabla_\theta` of the simulated objective with the noise held fixed, by reverse-mode autodiff
-    through the rollout (``lax.scan``) or through :func:`diffrax.diffeqsolve` with the system's adjoint.
+    r"""The pathwise (reparameterisation) gradient of DESIGN.md §1.2: with the noise held fixed,
+    :math:`\nabla_\theta` of the simulated objective :math:`\hat J_i = \sum_t w_t L_{i,t} + w_{end}\Phi_i` by
+    reverse-mode autodiff through the backend's simulation (the fast path's scan, a chain's ``lax.scan``, or
+    :func:`diffrax.diffeqsolve` with the system's adjoint).
+
+    **Batch means.** The ``n`` episodes are split into ``G`` groups of ``m = ceil(n / groups)`` consecutive episodes
+    (``G = ceil(n / m)``; the last group may be smaller) and each group is ONE call of the backend on its ``m``
+    episodes, vmapped over the groups, so the fast path differentiates struct-of-arrays kernels instead of ``n``
+    one-episode kernels (measured: as fast as one whole-chunk gradient or faster, e.g. 1.50 s vs 1.90 s for 1e4
+    Lorenz episodes of 1000 RK4 steps on 2 CPU cores). The gradient is the exact mean
+    :math:`\bar g = \sum_g (n_g/n)\,\bar g_g` of the per-episode gradients (the same number as a per-episode vmap,
+    to rounding); its standard error is the batch-means estimator
+
+    .. math:: \widehat{\mathrm{se}}(\bar g)^2 = \frac{G}{G-1}\sum_g \Big(\frac{n_g}{n}\Big)^2 (\bar g_g - \bar g)^2,
+
+    which for equal groups is :math:`\mathrm{std}(\bar g_g)/\sqrt G` (Law & Kelton, *Simulation Modeling and
+    Analysis*, §9.5.3; the episodes are independent, so the group means are too). It is unbiased like the
+    per-episode estimator but has only ``G - 1`` degrees of freedom: its relative error is about
+    :math:`1/\sqrt{2(G-1)}` (13% for ``G = 32``). With ``groups >= n`` every episode is its own group and the
+    per-episode standard error is recovered. The objective's standard error is always per episode.
 
     Needs reparameterised dynamics (:class:`~pydso.DeterministicMap`, :class:`~pydso.GaussianChain`,
     :class:`~pydso.ODESystem`, :class:`~pydso.SDESystem`, or a :class:`~pydso.MarkovChain` declared
     ``reparameterized=True``). Terminal sets make the objective discontinuous in :math:`\theta`: the pathwise
     gradient then ignores the change of the exit time (use :class:`Score`).
 
-    ``checkpoints=k`` rematerialises discrete-time rollouts in ``k`` segments so reverse-mode memory grows like
-    ``k + H/k`` instead of ``H`` (long horizons); the gradient is unchanged.
+    **Arguments:**
+
+    - `checkpoints`: ``k`` rematerialised segments of the time scan (chains and the fast path), so reverse-mode
+      memory grows like ``k + H/k`` instead of ``H`` (long horizons); the gradient is unchanged.
+    - `backend`: the simulation backend (name or instance, default ``"jax"``).
+    - `groups`: the number of batch-means groups (default 32; at most ``n``).
     """
 
     checkpoints: int | None = eqx.field(static=True, default=None)
     backend: "str | AbstractBackend | None" = eqx.field(static=True, default=None)
+    groups: int = eqx.field(static=True, default=32)
+
+    def __check_init__(self):
+        check_positive_int(self.groups, "Pathwise.groups")
 
     def check(self, problem):
         if not problem.system.reparameterized:
@@ -37,16 +62,45 @@ class Pathwise(AbstractEstimator):
                 f"the pathwise estimator needs reparameterised dynamics, but {type(problem.system).__name__} "
                 "samples are not differentiable in theta; use estimator='score'"
             )
+        get_backend(self.backend).check(problem)
 
     def _estimate(self, problem, theta, keys):
-        def objective(theta, key):
-            states, costs, _, alive, tc, tw = simulate_episode(problem, theta, key, self.checkpoints)
-            w, _ = problem.setting.weights()
-            return costs @ jnp.asarray(w, costs.dtype) + tw * tc
-
-        values, grads = jax.vmap(jax.value_and_grad(objective), in_axes=(None, 0))(theta, keys)
-        mean, stderr = mean_and_stderr(grads)
+        backend = get_backend(self.backend)
         n = keys.shape[0]
+        m = -(-n // min(self.groups, n))  # episodes per group
+        G = -(-n // m)  # groups (none empty)
+        if m > 1 and (G * m) % 512 == 0:
+            # the vmapped kernels work on G * m trajectories: avoid widths whose buffers alias in cache (a multiple of
+            # 512 float64 rows: measured 2.6x slower gradients, see pydso.backends.jax's fast path) with one padded
+            # episode per group, masked out like the others
+            m += 1
+        pad = G * m - n
+        if pad:  # the last group is filled up with copies of real episodes, masked out of every sum
+            keys = jnp.concatenate([keys, keys[:pad]])
+        keys = keys.reshape((G, m) + keys.shape[1:])
+        mask = (jnp.arange(G * m) < n).reshape(G, m)
+        sizes = mask.sum(axis=1)
+        w = jnp.asarray(problem.setting.weights()[0])
+
+        def group_mean(theta, keys_g, mask_g):
+            b = backend.simulate(problem, theta, keys_g, checkpoints=self.checkpoints)
+            values = b.costs @ w.astype(b.costs.dtype) + b.terminal_weights * b.terminal_costs
+            return jnp.sum(jnp.where(mask_g, values, 0.0)) / jnp.sum(mask_g), values
+
+        value_and_grad = jax.value_and_grad(group_mean, has_aux=True)
+        (_, values), grads = jax.vmap(value_and_grad, in_axes=(None, 0, 0))(theta, keys, mask)
+        frac = sizes / n
+
+        def combine(g):  # g: (G, ...) group means
+            f = frac.reshape((G,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+            mean = jnp.sum(f * g, axis=0)
+            var = G / (G - 1) * jnp.sum(f**2 * (g - mean) ** 2, axis=0) if G > 1 else jnp.full_like(mean, jnp.nan)
+            return mean, jnp.sqrt(var)
+
+        pairs = jax.tree.map(combine, grads)
+        mean = jax.tree.map(lambda _, p: p[0], grads, pairs)
+        stderr = jax.tree.map(lambda _, p: p[1], grads, pairs)
+        values = values.reshape(-1)[:n]
         return Estimate(mean, stderr, jnp.mean(values), jnp.std(values, ddof=1) / jnp.sqrt(n))
 
 

@@ -7,57 +7,38 @@ trajectory is one contiguous length-``N`` vector), the horizon is one ``lax.scan
 single-trajectory vector field ``f(t, x, theta)`` is applied with
 ``jax.vmap(f, in_axes=(None, 1, None), out_axes=1)``, which XLA lowers to elementwise kernels over
 length-``N`` rows. The Butcher tableau is data read from the diffrax solver, so the fast path and diffrax
-compute the same discrete solution (to rounding): see ``tests/test_fastpath.py``.
+compute the same discrete solution (to rounding): see ``tests/test_backends.py``.
 
-Public API:
+Public (exported from :mod:`pydso.backends.jax`):
 
 * :func:`fixed_step_ensemble` — fixed-step explicit RK ensemble with an optional running cost integrated as
-  an augmented state component (as :func:`pydso.engine._ode_episode` does with diffrax).
+  an augmented state component, and optional driving inputs (zero-order hold or linear interpolation).
 * :func:`euler_maruyama_ensemble` — Euler–Maruyama for diagonal-noise Itô SDEs (own Gaussian increments).
-* :func:`supports` — whether an :class:`~pydso.ODESystem` can use the fast path.
-* :func:`tableau_of` — the ``(a, b, c)`` of a supported diffrax solver.
-* :class:`RK4` and :class:`RK4ThreeEighths` — classic RK4 and Kutta's 3/8 rule as diffrax solvers.
+
+:func:`fixed_step_scan` and :func:`euler_maruyama_scan` are the same kernels returning the time-major
+struct-of-arrays outputs (``(n_save, d, N)``) that :class:`~pydso.backends.JaxBackend` post-processes without
+leaving that layout; they are internal to the backend.
 
 Gradients are reverse-mode through the scan (discretise-then-optimise, the same discrete gradient as diffrax's
-``RecursiveCheckpointAdjoint``). ``checkpoints=k`` wraps ``k`` segments of the horizon in
-:func:`jax.checkpoint`, so the stored residuals grow like ``k + n_steps / k`` instead of ``n_steps``.
+``RecursiveCheckpointAdjoint``). ``checkpoints=k`` runs the horizon as ``k`` segments of
+:func:`~pydso.backends.jax._scan.checkpointed_scan`, so the stored residuals grow like ``k + n_steps / k`` instead
+of ``n_steps``.
 """
 
 from collections.abc import Callable
-from typing import Any
 
 import diffrax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ...systems import ODESystem
-from ._solvers import RK4, RK4ThreeEighths, fixed_step_applies, tableau_of
+from ..._checks import check_positive_int
+from ..._errors import ProblemError
+from ..._typing import PyTree
+from ._scan import checkpointed_scan
+from ._solvers import tableau_of
+from ._unroll import unroll_small_contractions
 
-PyTree = Any
-
-__all__ = [
-    "RK4",
-    "RK4ThreeEighths",
-    "fixed_step_ensemble",
-    "euler_maruyama_ensemble",
-    "supports",
-    "tableau_of",
-]
-
-
-def supports(system) -> bool:
-    """True when ``system`` can be simulated by :func:`fixed_step_ensemble` with the same discrete solution.
-
-    That is: a :class:`~pydso.ODESystem` with ``diffrax.ConstantStepSize``, an explicit Runge–Kutta solver whose
-    Butcher tableau is readable (``diffrax.Euler`` or any ``diffrax.AbstractERK`` with a ``ButcherTableau``:
-    Tsit5, Dopri5, Bosh3, Heun, Midpoint, Ralston, :class:`RK4`, ...), and a discretise-then-optimise adjoint
-    (``RecursiveCheckpointAdjoint`` or ``DirectAdjoint``, whose gradients reverse-mode through the scan
-    reproduces). False for adaptive controllers, implicit/IMEX solvers, ``BacksolveAdjoint`` and SDEs.
-    """
-    return isinstance(system, ODESystem) and fixed_step_applies(
-        system.solver, system.stepsize_controller, system.adjoint
-    )
+__all__ = ["fixed_step_ensemble", "euler_maruyama_ensemble", "fixed_step_scan", "euler_maruyama_scan"]
 
 
 # Rematerialise each RK step on the backward pass: reverse mode then stores only the state at each step
@@ -65,30 +46,27 @@ def supports(system) -> bool:
 # compilation and no slower gradients (benchmarks/bench_gradient.py).
 _REMAT_STEP = True
 
+_INTERPOLATIONS = ("zoh", "linear")
+
+# Cache aliasing: when N is a multiple of 512, every (d, N) float64 temporary is a multiple of 4 KiB long, so XLA's
+# buffers start at addresses that map to the same L1 sets, and the fused reverse-mode kernels (which read many such
+# buffers at the same index) thrash. Measured on the Lorenz gradient: 2.6x slower per trajectory at N = 1024 and 3.7x
+# at N = 4096 than at N = 1000 or 4104 (forward passes are unaffected). The kernels then run ALIAS_PAD extra copies
+# of the first trajectories and drop them; results are unchanged.
+ALIAS_PERIOD = 512
+ALIAS_PAD = 8
+
+
+def alias_pad(N: int) -> int:
+    """How many trajectories to add to an ensemble of ``N`` so that its width avoids the aliasing above."""
+    return ALIAS_PAD if N % ALIAS_PERIOD == 0 else 0
+
 
 # ----------------------------------------------------------------------------------------- scan helpers
-def _segmented_scan(body, carry, n: int, checkpoints: int | None):
-    """``lax.scan(body, carry, length=n)``, optionally as ``checkpoints`` rematerialised segments.
-
-    With ``checkpoints=k``, an outer scan runs over ``k`` segments of ``n // k`` iterations, each segment a
-    ``jax.checkpoint``-ed inner scan (plus one checkpointed remainder segment when ``k`` does not divide ``n``):
-    reverse mode stores ``k`` segment carries and the residuals of one segment at a time.
-    """
-    if not checkpoints or checkpoints <= 1 or n <= 1:
-        return jax.lax.scan(body, carry, length=n)
-    k = min(int(checkpoints), n)
-    m, rem = divmod(n, k)
-
-    @jax.checkpoint
-    def segment(c, _):
-        return jax.lax.scan(body, c, length=m)
-
-    carry, ys = jax.lax.scan(segment, carry, length=k)
-    ys = jax.tree.map(lambda y: y.reshape((k * m,) + y.shape[2:]), ys)
-    if rem:
-        carry, ys_rem = jax.checkpoint(lambda c: jax.lax.scan(body, c, length=rem))(carry)
-        ys = jax.tree.map(lambda a, r: jnp.concatenate([a, r]), ys, ys_rem)
-    return carry, ys
+def _batched(fn, in_axes, out_axes):
+    """``jax.vmap(fn)`` over the trajectories, with small reductions/contractions over the state kept elementwise
+    (:func:`~pydso.backends.jax._unroll.unroll_small_contractions`), so that XLA fuses each stage into one loop."""
+    return unroll_small_contractions(jax.vmap(fn, in_axes=in_axes, out_axes=out_axes))
 
 
 def _split_checkpoints(checkpoints, n_save):
@@ -101,26 +79,45 @@ def _split_checkpoints(checkpoints, n_save):
     return None, -(-int(checkpoints) // n_save)
 
 
-def _run_steps(step, y, n, count, checkpoints):
-    """Apply ``y = step(y, n + j)`` for ``j < count`` (a scan, optionally in checkpointed segments)."""
+def _run_steps(step, y, n, count, aux, checkpoints):
+    """Apply ``y = step(y, n + j, aux)`` for ``j < count`` (a scan, optionally in checkpointed segments)."""
     if count == 1:
-        return step(y, n)
+        return step(y, n, aux)
 
     def body(carry, _):
         y, j = carry
-        return (step(y, n + j), j + 1), None
+        return (step(y, n + j, aux), j + 1), None
 
-    (y, _), _ = _segmented_scan(body, (y, jnp.asarray(0, jnp.int32)), count, checkpoints)
+    (y, _), _ = checkpointed_scan(body, (y, jnp.asarray(0, jnp.int32)), length=count, checkpoints=checkpoints)
     return y
 
 
+def _rows_finite(x, axis):
+    """Per trajectory, whether all components are finite (``x`` of shape ``(d, N)`` for ``axis=1``, ``(N, d)`` for
+    ``axis=0``), as elementwise ands of rows so that XLA fuses it into the step's loop."""
+    d = x.shape[1 - axis]
+    rows = [x[i] if axis == 1 else x[:, i] for i in range(d)]
+    ok = jnp.isfinite(rows[0])
+    for r in rows[1:]:
+        ok = ok & jnp.isfinite(r)
+    return ok
+
+
 def _check_steps(n_steps, save_every):
-    for name, v in (("n_steps", n_steps), ("save_every", save_every)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    n_steps = check_positive_int(n_steps, "n_steps")
+    save_every = check_positive_int(save_every, "save_every")
     if n_steps % save_every:
-        raise ValueError(f"n_steps ({n_steps}) must be a multiple of save_every ({save_every})")
-    return int(n_steps), int(save_every)
+        raise ProblemError(f"n_steps ({n_steps}) must be a multiple of save_every ({save_every})")
+    return n_steps, save_every
+
+
+def _check_x0(x0):
+    x0 = jnp.asarray(x0)
+    if x0.ndim != 2:
+        raise ProblemError(f"x0 must have shape (N, d), got {x0.shape}")
+    if not jnp.issubdtype(x0.dtype, jnp.floating):
+        raise ProblemError(f"x0 must be a floating-point array, got dtype {x0.dtype}")
+    return x0
 
 
 def _axpy_sum(y0, dt, coeffs, ks):
@@ -138,146 +135,252 @@ def _axpy_sum(y0, dt, coeffs, ks):
     return jax.tree.map(leaf, y0, *[kj for _, kj in terms])
 
 
+def _prepare_inputs(inputs, interpolation, N, n_save, axis, dtype, pad):
+    """Check ``inputs`` and lay them out for the scan: ``(u_lo, u_hi)`` of shape ``(n_save, ...)`` (the samples at
+    the start and end of each save interval) and the ``vmap`` axis of one sample (None when shared); per-trajectory
+    inputs get ``pad`` copies of their first rows, like ``x0``."""
+    if interpolation not in _INTERPOLATIONS:
+        raise ProblemError(f"input_interpolation must be 'zoh' or 'linear', got {interpolation!r}")
+    u = jnp.asarray(inputs)
+    if not jnp.issubdtype(u.dtype, jnp.floating):
+        u = u.astype(dtype)
+    if u.ndim >= 2 and u.shape[:2] == (N, n_save + 1):  # per trajectory: (N, n_save + 1, *u_shape)
+        per_traj = True
+    elif u.ndim >= 1 and u.shape[0] == n_save + 1:  # shared: (n_save + 1, *u_shape)
+        per_traj = False
+    else:
+        raise ProblemError(
+            f"inputs must have shape (n_save + 1, *u_shape) = ({n_save + 1}, ...) shared by all trajectories or "
+            f"(N, n_save + 1, *u_shape) = ({N}, {n_save + 1}, ...) per trajectory, got {u.shape}"
+        )
+    if not per_traj:
+        return (u[:-1], u[1:]), None
+    if pad:
+        u = jnp.concatenate([u, u[:pad]])
+    if axis == 1:  # soa: the trajectory axis last, contiguous rows of length N
+        u = jnp.moveaxis(u, 0, -1)  # (n_save + 1, *u_shape, N)
+        u_axis = u.ndim - 2
+    else:  # aos: (n_save + 1, N, *u_shape)
+        u = jnp.swapaxes(u, 0, 1)
+        u_axis = 0
+    return (u[:-1], u[1:]), u_axis
+
+
 # ------------------------------------------------------------------------------------------- ODE ensemble
-def fixed_step_ensemble(
+def fixed_step_scan(
     vector_field: Callable,
     x0: jax.Array,
     theta: PyTree,
     *,
-    dt: float,
+    dt,
     n_steps: int,
     solver=None,
     cost: Callable | None = None,
     save_every: int = 1,
-    t0: float = 0.0,
+    t0=0.0,
     checkpoints: int | None = None,
     layout: str = "soa",
+    inputs: jax.Array | None = None,
+    input_interpolation: str = "zoh",
+    finite_flags: bool = False,
 ):
-    r"""Integrate ``N`` trajectories of :math:`\dot x = f(t, x, \theta)` with a fixed-step explicit RK method.
-
-    Args:
-        vector_field: ``f(t, x, theta)`` for ONE trajectory, ``x`` of shape ``(d,)``, returning shape ``(d,)``.
-        x0: initial states, shape ``(N, d)``.
-        theta: parameters (any pytree), shared by all trajectories; differentiable.
-        dt: the step (may be a traced scalar).
-        n_steps: number of steps (static); must be a multiple of ``save_every``.
-        solver: a diffrax explicit RK solver whose tableau is used (default :class:`diffrax.Tsit5`), e.g.
-            ``diffrax.Dopri5()``, ``diffrax.Bosh3()``, ``diffrax.Heun()``, ``diffrax.Euler()``, :class:`RK4`.
-        cost: optional running cost ``L(x, theta) -> scalar`` for one trajectory. Its integral over each save
-            interval is integrated with the same tableau as an augmented state component ``c`` with
-            :math:`\dot c = L(x, \theta)` (reset to zero at the start of each save interval).
-        save_every: save the state every ``save_every`` steps.
-        t0: initial time (the vector field sees ``t0 + n*dt + c_i*dt`` at stage ``i`` of step ``n``).
-        checkpoints: if ``k > 1``, split the save intervals into ``k`` segments, each rematerialised on the
-            backward pass (:func:`jax.checkpoint`): memory ~ ``k + n_steps/k`` steps instead of ``n_steps``.
-        layout: ``"soa"`` (state ``(d, N)``, default and faster) or ``"aos"`` (state ``(N, d)``); for benchmarks.
-
-    Returns:
-        ``(states, costs)``: ``states`` of shape ``(N, n_steps // save_every + 1, d)`` (including ``x0``),
-        ``costs`` of shape ``(N, n_steps // save_every)``, or None when ``cost`` is None.
-    """
+    """:func:`fixed_step_ensemble` without the final re-layout: returns ``(xs, cs)`` with ``xs`` the saved states
+    after ``x0``, time-major, ``(n_save, d, N)`` for ``layout="soa"`` or ``(n_save, N, d)`` for ``"aos"``, and
+    ``cs`` of shape ``(n_save, N)`` (None without a cost). With ``finite_flags=True``, ``(xs, cs, ok)`` where ``ok``
+    (shape ``(N,)``) says whether every saved state of a trajectory (``x0`` included) is finite, tracked in the scan's
+    carry at no extra pass over the states."""
     n_steps, save_every = _check_steps(n_steps, save_every)
     a, b, c = tableau_of(diffrax.Tsit5() if solver is None else solver)
     if layout not in ("soa", "aos"):
-        raise ValueError(f"layout must be 'soa' or 'aos', got {layout!r}")
-    x0 = jnp.asarray(x0)
-    if x0.ndim != 2:
-        raise ValueError(f"x0 must have shape (N, d), got {x0.shape}")
+        raise ProblemError(f"layout must be 'soa' or 'aos', got {layout!r}")
+    x0 = _check_x0(x0)
+    N = x0.shape[0]
+    pad = alias_pad(N)
+    if pad:
+        x0 = jnp.concatenate([x0, x0[:pad]])
     dtype = x0.dtype
     axis = 1 if layout == "soa" else 0
-    f_b = jax.vmap(vector_field, in_axes=(None, axis, None), out_axes=axis)
-    L_b = None if cost is None else jax.vmap(cost, in_axes=(axis, None))
+    n_save = n_steps // save_every
     dt = jnp.asarray(dt, dtype)
     t0 = jnp.asarray(t0, dtype)
-    n_save = n_steps // save_every
 
-    def rhs(t, y):
-        x, _ = y
-        fx = f_b(t, x, theta)
-        return (fx, None) if L_b is None else (fx, L_b(x, theta).astype(dtype))
+    if inputs is None:
+        f_b = _batched(vector_field, (None, axis, None), axis)
+        L_b = None if cost is None else _batched(cost, (axis, None), 0)
+        us = None
 
-    def rk_step(y, n):
+        def fields(t, x, u):
+            return f_b(t, x, theta), (None if L_b is None else L_b(x, theta).astype(dtype))
+
+    else:
+        us, u_axis = _prepare_inputs(inputs, input_interpolation, N, n_save, axis, dtype, pad)
+        f_b = _batched(vector_field, (None, axis, u_axis, None), axis)
+        L_b = None if cost is None else _batched(cost, (axis, u_axis, None), 0)
+
+        def fields(t, x, u):
+            return f_b(t, x, u, theta), (None if L_b is None else L_b(x, u, theta).astype(dtype))
+
+    linear = inputs is not None and input_interpolation == "linear"
+
+    def stage_input(aux, n, ci):
+        if aux is None:
+            return None
+        u_lo, u_hi, n_start = aux
+        if not linear:
+            return u_lo
+        # fraction of the save interval elapsed at this stage: (j + c_i) / save_every, exact in integers and c_i
+        s = ((n - n_start).astype(dtype) + ci) / save_every
+        return u_lo + (u_hi - u_lo) * s
+
+    def rk_step(y, n, aux):
         tn = t0 + n * dt
         ks = []
         for i in range(len(b)):
             zi = _axpy_sum(y, dt, a[i], ks)
-            ks.append(rhs(tn + c[i] * dt, zi))
+            ks.append(fields(tn + c[i] * dt, zi[0], stage_input(aux, n, c[i])))
         return _axpy_sum(y, dt, b, ks)
 
     if _REMAT_STEP:
         rk_step = jax.checkpoint(rk_step, prevent_cse=False)
 
-    def interval(carry, _):
-        x, n = carry
+    def interval(carry, u_pair):
+        x, n, ok = carry
+        aux = None if u_pair is None else (u_pair[0], u_pair[1], n)
         y = (x, None if L_b is None else jnp.zeros(x.shape[axis], dtype))
-        y = _run_steps(rk_step, y, n, save_every, inner_ck)
-        x1, c1 = y
-        return (x1, n + save_every), (x1, c1)
+        x1, c1 = _run_steps(rk_step, y, n, save_every, aux, inner_ck)
+        ok = None if ok is None else ok & _rows_finite(x1, axis)
+        return (x1, n + save_every, ok), (x1, c1)
 
     outer_ck, inner_ck = _split_checkpoints(checkpoints, n_save)
     x_init = x0.T if layout == "soa" else x0
-    (_, _), (xs, cs) = _segmented_scan(interval, (x_init, jnp.asarray(0, jnp.int32)), n_save, outer_ck)
+    ok0 = _rows_finite(x_init, axis) if finite_flags else None
+    (_, _, ok), (xs, cs) = checkpointed_scan(
+        interval, (x_init, jnp.asarray(0, jnp.int32), ok0), us, length=n_save, checkpoints=outer_ck
+    )
+    if pad:
+        xs = xs[:, :, :N] if layout == "soa" else xs[:, :N]
+        cs = None if cs is None else cs[:, :N]
+        ok = None if ok is None else ok[:N]
+    return (xs, cs, ok) if finite_flags else (xs, cs)
+
+
+def fixed_step_ensemble(
+    vector_field: Callable,
+    x0: jax.Array,
+    theta: PyTree,
+    *,
+    dt,
+    n_steps: int,
+    solver=None,
+    cost: Callable | None = None,
+    save_every: int = 1,
+    t0=0.0,
+    checkpoints: int | None = None,
+    layout: str = "soa",
+    inputs: jax.Array | None = None,
+    input_interpolation: str = "zoh",
+) -> tuple[jax.Array, jax.Array | None]:
+    r"""Integrate ``N`` trajectories of :math:`\dot x = f(t, x, \theta)` (or :math:`\dot x = f(t, x, u(t), \theta)`
+    with driving inputs) with a fixed-step explicit Runge–Kutta method, the whole ensemble as one state.
+
+    Step :math:`n` (time :math:`t_n = t_0 + n\,\Delta t`) evaluates stage :math:`i` at
+    :math:`t_n + c_i \Delta t` and updates :math:`x_{n+1} = x_n + \Delta t \sum_i b_i k_i` with the solver's Butcher
+    tableau ``(a, b, c)``: the same discrete solution as :func:`diffrax.diffeqsolve` with
+    ``diffrax.ConstantStepSize()`` and that solver, to rounding.
+
+    **Inputs.** Save time :math:`t_k = t_0 + k\,s\,\Delta t` (``s = save_every``) carries the input sample
+    :math:`u_k`. Over :math:`[t_k, t_{k+1})`, ``input_interpolation="zoh"`` (zero-order hold) feeds :math:`u_k` to
+    every stage; ``"linear"`` feeds :math:`u_k + (u_{k+1} - u_k)(t - t_k)/(s\,\Delta t)` at stage time :math:`t`
+    (the last sample :math:`u_{n_{save}}` is used only by ``"linear"``).
+
+    **Arguments:**
+
+    - `vector_field`: ``f(t, x, theta)`` for ONE trajectory, ``x`` of shape ``(d,)``, returning shape ``(d,)``;
+      with ``inputs``, ``f(t, x, u, theta)`` with ``u`` of shape ``u_shape``.
+    - `x0`: initial states, shape ``(N, d)``.
+    - `theta`: parameters (any pytree), shared by all trajectories; differentiable.
+    - `dt`: the step (may be a traced scalar).
+    - `n_steps`: number of steps (static); a multiple of ``save_every``.
+    - `solver`: a diffrax explicit RK solver whose tableau is used (default :class:`diffrax.Tsit5`), e.g.
+      ``diffrax.Dopri5()``, ``diffrax.Bosh3()``, ``diffrax.Heun()``, ``diffrax.Euler()``,
+      :class:`~pydso.backends.jax.RK4`, :class:`~pydso.backends.jax.RK4ThreeEighths`.
+    - `cost`: optional running cost ``L(x, theta) -> scalar`` for one trajectory (``L(x, u, theta)`` with
+      ``inputs``). Its integral over each save interval is computed with the same tableau as an augmented state
+      component :math:`\dot c = L`, reset to zero at the start of each save interval.
+    - `save_every`: save the state every ``save_every`` steps (``n_save = n_steps // save_every``).
+    - `t0`: initial time.
+    - `checkpoints`: if ``k > 1``, split the save intervals into ``k`` segments rematerialised on the backward pass
+      (:func:`jax.checkpoint`): memory ~ ``k + n_steps/k`` steps instead of ``n_steps``; results unchanged.
+    - `layout`: ``"soa"`` (state ``(d, N)``, default and faster) or ``"aos"`` (state ``(N, d)``); for benchmarks.
+    - `inputs`: optional input samples, ``(n_save + 1, *u_shape)`` shared by all trajectories or
+      ``(N, n_save + 1, *u_shape)`` per trajectory (recognised by its leading ``(N, n_save + 1)``); differentiable.
+    - `input_interpolation`: ``"zoh"`` (default) or ``"linear"``, see above.
+
+    **Returns:**
+
+    ``(states, costs)``: ``states`` of shape ``(N, n_save + 1, d)`` (including ``x0``) and ``costs`` of shape
+    ``(N, n_save)``, or None when ``cost`` is None.
+
+    **Raises:** :class:`~pydso.ProblemError` for a solver without an explicit tableau, non-integer or
+    incompatible ``n_steps``/``save_every``, or inputs of the wrong shape.
+
+    Not for adaptive step sizes, implicit/stiff solvers or continuous adjoints: use :func:`diffrax.diffeqsolve`
+    (``JaxBackend(integrator="diffrax")``).
+    """
+    x0 = _check_x0(x0)
+    xs, cs = fixed_step_scan(
+        vector_field,
+        x0,
+        theta,
+        dt=dt,
+        n_steps=n_steps,
+        solver=solver,
+        cost=cost,
+        save_every=save_every,
+        t0=t0,
+        checkpoints=checkpoints,
+        layout=layout,
+        inputs=inputs,
+        input_interpolation=input_interpolation,
+    )
+    # one copy into the (N, n_save + 1, d) layout: join x0 in the scan's layout, then transpose
     if layout == "soa":
-        states = jnp.concatenate([x0[:, None, :], jnp.transpose(xs, (2, 0, 1))], axis=1)
+        states = jnp.transpose(jnp.concatenate([x0.T[None], xs], axis=0), (2, 0, 1))
     else:
-        states = jnp.concatenate([x0[:, None, :], jnp.transpose(xs, (1, 0, 2))], axis=1)
-    costs = None if L_b is None else cs.T
-    return states, costs
+        states = jnp.transpose(jnp.concatenate([x0[None], xs], axis=0), (1, 0, 2))
+    return states, (None if cs is None else cs.T)
 
 
 # ------------------------------------------------------------------------------------------- SDE ensemble
-def euler_maruyama_ensemble(
+def euler_maruyama_scan(
     drift: Callable,
     diffusion: Callable,
     x0: jax.Array,
     theta: PyTree,
     *,
-    dt: float,
+    dt,
     n_steps: int,
     key: jax.Array,
     cost: Callable | None = None,
     save_every: int = 1,
-    t0: float = 0.0,
+    t0=0.0,
     checkpoints: int | None = None,
+    finite_flags: bool = False,
 ):
-    r"""Euler–Maruyama for ``N`` trajectories of the Itô SDE :math:`dx = f(t,x,\theta)dt + g(t,x,\theta)\odot dW`.
-
-    ``x_{n+1} = x_n + f(t_n, x_n) dt + g(t_n, x_n) * sqrt(dt) * xi_n`` with standard normal ``xi_n``, in the
-    same ``(d, N)`` layout as :func:`fixed_step_ensemble`.
-
-    **Noise source.** The increments are drawn here with :func:`jax.random.normal` (one ``(d, N)`` draw per step
-    from ``jax.random.fold_in(key, step)``), *not* from the per-trajectory ``diffrax.VirtualBrownianTree`` that
-    ``pydso.engine`` uses for :class:`~pydso.SDESystem`: the same ``key`` gives different sample paths than the
-    engine, and agreement with diffrax is in distribution only. If ``key`` is a batch of ``N`` keys, each
-    trajectory gets its own stream (``fold_in(key[i], step)``), so results do not depend on how an ensemble is
-    chunked (slower: one generator call per trajectory).
-
-    Args:
-        drift: ``f(t, x, theta)`` for one trajectory, ``x`` of shape ``(d,)``.
-        diffusion: ``g(t, x, theta)``, broadcastable to ``(d,)`` (diagonal noise).
-        x0: ``(N, d)`` initial states.
-        theta: parameters (differentiable; the pathwise gradient flows through the reparameterised noise).
-        dt, n_steps, save_every, t0, checkpoints: as in :func:`fixed_step_ensemble`.
-        key: a PRNG key, or ``N`` keys.
-        cost: optional running cost ``L(x, theta)``, integrated with the left-point rule ``sum L(x_n) dt`` over
-            each save interval (the Euler–Maruyama discretisation of the integral, as in the engine).
-
-    Returns:
-        ``(states (N, n_steps // save_every + 1, d), costs (N, n_steps // save_every) or None)``.
-    """
+    """:func:`euler_maruyama_ensemble` without the final re-layout: returns ``(xs (n_save, d, N), cs (n_save, N) or
+    None)``, the saved states after ``x0`` time-major in struct-of-arrays layout, and with ``finite_flags=True`` the
+    per-trajectory flags ``ok (N,)`` of :func:`fixed_step_scan`."""
     n_steps, save_every = _check_steps(n_steps, save_every)
-    x0 = jnp.asarray(x0)
-    if x0.ndim != 2:
-        raise ValueError(f"x0 must have shape (N, d), got {x0.shape}")
+    x0 = _check_x0(x0)
     N, d = x0.shape
     dtype = x0.dtype
-    f_b = jax.vmap(drift, in_axes=(None, 1, None), out_axes=1)
+    f_b = _batched(drift, (None, 1, None), 1)
 
     def g_one(t, x, th):
         return jnp.broadcast_to(diffusion(t, x, th), x.shape)
 
-    g_b = jax.vmap(g_one, in_axes=(None, 1, None), out_axes=1)
-    L_b = None if cost is None else jax.vmap(cost, in_axes=(1, None))
+    g_b = _batched(g_one, (None, 1, None), 1)
+    L_b = None if cost is None else _batched(cost, (1, None), 0)
     dt = jnp.asarray(dt, dtype)
     t0 = jnp.asarray(t0, dtype)
     sqdt = jnp.sqrt(dt)
@@ -285,7 +388,15 @@ def euler_maruyama_ensemble(
         key = jax.random.wrap_key_data(jnp.asarray(key))  # raw uint32 key data, shape (2,) or (N, 2)
     per_path = jnp.ndim(key) == 1
     if per_path and key.shape[0] != N:
-        raise ValueError(f"got {key.shape[0]} keys for {N} trajectories")
+        raise ProblemError(f"got {key.shape[0]} keys for {N} trajectories")
+    if jnp.ndim(key) > 1:
+        raise ProblemError(f"key must be one PRNG key or N keys, got shape {key.shape}")
+    N_out = N
+    pad = alias_pad(N) if per_path else 0  # one key draws (d, N) at once: padding would change every path
+    if pad:
+        x0 = jnp.concatenate([x0, x0[:pad]])
+        key = jnp.concatenate([key, key[:pad]])
+        N = N + pad
 
     def noise(n):
         if per_path:
@@ -293,7 +404,7 @@ def euler_maruyama_ensemble(
             return jax.vmap(lambda k: jax.random.normal(k, (d,), dtype), out_axes=1)(ks)
         return jax.random.normal(jax.random.fold_in(key, n), (d, N), dtype)
 
-    def em_step(y, n):
+    def em_step(y, n, aux):
         x, c = y
         tn = t0 + n * dt
         xi = noise(n)
@@ -302,14 +413,82 @@ def euler_maruyama_ensemble(
         return x1, c1
 
     def interval(carry, _):
-        x, n = carry
+        x, n, ok = carry
         y = (x, None if L_b is None else jnp.zeros((N,), dtype))
-        y = _run_steps(em_step, y, n, save_every, inner_ck)
-        x1, c1 = y
-        return (x1, n + save_every), (x1, c1)
+        x1, c1 = _run_steps(em_step, y, n, save_every, None, inner_ck)
+        ok = None if ok is None else ok & _rows_finite(x1, 1)
+        return (x1, n + save_every, ok), (x1, c1)
 
     n_save = n_steps // save_every
     outer_ck, inner_ck = _split_checkpoints(checkpoints, n_save)
-    (_, _), (xs, cs) = _segmented_scan(interval, (x0.T, jnp.asarray(0, jnp.int32)), n_save, outer_ck)
-    states = jnp.concatenate([x0[:, None, :], jnp.transpose(xs, (2, 0, 1))], axis=1)
-    return states, (None if L_b is None else cs.T)
+    ok0 = _rows_finite(x0.T, 1) if finite_flags else None
+    (_, _, ok), (xs, cs) = checkpointed_scan(
+        interval, (x0.T, jnp.asarray(0, jnp.int32), ok0), None, length=n_save, checkpoints=outer_ck
+    )
+    if pad:
+        xs, ok = xs[:, :, :N_out], (None if ok is None else ok[:N_out])
+        cs = None if cs is None else cs[:, :N_out]
+    return (xs, cs, ok) if finite_flags else (xs, cs)
+
+
+def euler_maruyama_ensemble(
+    drift: Callable,
+    diffusion: Callable,
+    x0: jax.Array,
+    theta: PyTree,
+    *,
+    dt,
+    n_steps: int,
+    key: jax.Array,
+    cost: Callable | None = None,
+    save_every: int = 1,
+    t0=0.0,
+    checkpoints: int | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    r"""Euler–Maruyama for ``N`` trajectories of the Itô SDE :math:`dx = f(t,x,\theta)dt + g(t,x,\theta)\odot dW`.
+
+    :math:`x_{n+1} = x_n + f(t_n, x_n)\,\Delta t + g(t_n, x_n)\odot\sqrt{\Delta t}\,\xi_n` with standard normal
+    :math:`\xi_n`, in the same ``(d, N)`` layout as :func:`fixed_step_ensemble` (Kloeden & Platen, *Numerical
+    Solution of Stochastic Differential Equations*, 1992, §9.1).
+
+    **Noise source.** The increments are drawn here with :func:`jax.random.normal`, *not* from a
+    ``diffrax.VirtualBrownianTree``: the same ``key`` gives different sample paths than diffrax, and agreement with
+    diffrax is in distribution only (or exact when diffrax is driven by the same increments). With ONE key, step
+    ``n`` draws one ``(d, N)`` array from ``fold_in(key, n)``; with ``N`` keys (shape ``(N,)``), trajectory ``i``
+    draws ``(d,)`` from ``fold_in(key[i], n)``, so a trajectory does not depend on the rest of the ensemble (this is
+    what :class:`~pydso.backends.JaxBackend` uses, so that chunking does not change results).
+
+    **Arguments:**
+
+    - `drift`: ``f(t, x, theta)`` for one trajectory, ``x`` of shape ``(d,)``.
+    - `diffusion`: ``g(t, x, theta)``, broadcastable to ``(d,)`` (diagonal noise).
+    - `x0`: ``(N, d)`` initial states.
+    - `theta`: parameters (differentiable; the pathwise gradient flows through the reparameterised noise).
+    - `dt`, `n_steps`, `save_every`, `t0`, `checkpoints`: as in :func:`fixed_step_ensemble`.
+    - `key`: a PRNG key, or ``N`` keys.
+    - `cost`: optional running cost ``L(x, theta)``, integrated with the left-point rule :math:`\sum L(x_n)\Delta t`
+      over each save interval (the Euler–Maruyama discretisation of the integral).
+
+    **Returns:**
+
+    ``(states (N, n_save + 1, d), costs (N, n_save) or None)``.
+
+    Not for non-diagonal noise or higher strong order (Milstein, SRK): use diffrax (``JaxBackend(integrator=
+    "diffrax")`` with the system's ``solver``).
+    """
+    x0 = _check_x0(x0)
+    xs, cs = euler_maruyama_scan(
+        drift,
+        diffusion,
+        x0,
+        theta,
+        dt=dt,
+        n_steps=n_steps,
+        key=key,
+        cost=cost,
+        save_every=save_every,
+        t0=t0,
+        checkpoints=checkpoints,
+    )
+    states = jnp.transpose(jnp.concatenate([x0.T[None], xs], axis=0), (2, 0, 1))
+    return states, (None if cs is None else cs.T)

@@ -1,4 +1,18 @@
-r"""The JAX backend's simulation of one episode of any system (vmapped over episodes by :class:`JaxBackend`)."""
+r"""The JAX backend's simulation of a chunk of episodes: the integrator choice and the three paths.
+
+* **fast path** — fixed-step explicit Runge–Kutta ODEs and Euler–Maruyama SDEs with vector states run the *whole
+  chunk* as one struct-of-arrays kernel (:mod:`._fastpath`): initial states ``(n, d)``, one ``lax.scan`` over time
+  whose state is ``(d, n)``, running costs integrated inside the kernel, terminal costs and SDE transition
+  log-densities evaluated on the time-major ``(H, d, n)`` output, and a single transpose to the
+  ``(n, H+1, d)`` layout of :class:`~pydso.backends.EpisodeBatch` at the end;
+* **diffrax** — the reference path: ``jax.vmap`` over episodes of :func:`diffrax.diffeqsolve` with the system's
+  solver, step-size controller and adjoint (adaptive, implicit, continuous adjoints, non-vector states);
+* **chains** — discrete-time chains: ``jax.vmap`` over episodes of one :func:`checkpointed_scan` over time.
+
+Randomness is per episode: episode ``i`` uses only ``keys[i]`` (its initial state from the first half of
+``split(keys[i])``, its Brownian increments from the second), so results do not depend on how many other episodes
+share the chunk.
+"""
 
 import diffrax
 import jax
@@ -6,13 +20,130 @@ import jax.numpy as jnp
 import lineax
 import numpy as np
 
+from ..._errors import ProblemError
 from ..._typing import PyTree
-from ...systems import AbstractChain, ODESystem, Problem, SDESystem
-from ._fastpath import euler_maruyama_ensemble, fixed_step_ensemble
+from ...systems import ODESystem, Problem, SDESystem
+from .._base import EpisodeBatch
+from ._fastpath import euler_maruyama_scan, fixed_step_scan
+from ._scan import checkpointed_scan
+from ._solvers import fixed_step_applies
+from ._unroll import unroll_small_contractions
+
+__all__ = ["INTEGRATORS", "choose_integrator", "simulate_batch"]
+
+INTEGRATORS = ("auto", "fastpath", "diffrax")
+
+_DTO_ADJOINTS = diffrax.RecursiveCheckpointAdjoint | diffrax.DirectAdjoint
 
 
+def _fastpath_obstacle(problem: Problem) -> str | None:
+    """Why the fast path cannot simulate ``problem`` (None when it can)."""
+    system = problem.system
+    if isinstance(system, ODESystem):
+        if not fixed_step_applies(system.solver, system.stepsize_controller, system.adjoint):
+            return (
+                "the fixed-step fast path needs diffrax.ConstantStepSize, an explicit Runge-Kutta solver and "
+                "RecursiveCheckpointAdjoint/DirectAdjoint"
+            )
+    elif isinstance(system, SDESystem):
+        if type(system.solver) is not diffrax.Euler or not isinstance(system.adjoint, _DTO_ADJOINTS):
+            return (
+                "the Euler-Maruyama fast path needs solver=diffrax.Euler() and RecursiveCheckpointAdjoint/DirectAdjoint"
+            )
+    else:
+        return "the fast path integrates ODESystem and SDESystem only (chains always run as a scan)"
+    x = jax.eval_shape(problem.initial.sample, jax.random.key(0))
+    if x.ndim != 1 or not jnp.issubdtype(x.dtype, jnp.floating):
+        return f"the fast path needs a floating-point vector state, got shape {x.shape} and dtype {x.dtype}"
+    return None
+
+
+def choose_integrator(problem: Problem, integrator: str) -> str:
+    """The path that simulates ``problem``: ``"fastpath"``, ``"diffrax"`` or ``"chain"``.
+
+    ``integrator="auto"`` takes the fast path wherever it computes the same discrete solution as diffrax (constant
+    step, explicit tableau or Euler–Maruyama, discretise-then-optimise adjoint, vector state) and diffrax otherwise;
+    ``"fastpath"`` raises :class:`~pydso.ProblemError` where that is not the case; ``"diffrax"`` always takes the
+    reference path. Discrete-time chains always run as a scan.
+    """
+    if integrator not in INTEGRATORS:
+        raise ProblemError(f"integrator must be one of {INTEGRATORS}, got {integrator!r}")
+    if not isinstance(problem.system, ODESystem | SDESystem):
+        return "chain"
+    if integrator == "diffrax":
+        return "diffrax"
+    obstacle = _fastpath_obstacle(problem)
+    if obstacle is None:
+        return "fastpath"
+    if integrator == "fastpath":
+        raise ProblemError(
+            f"JaxBackend(integrator='fastpath') cannot simulate this {type(problem.system).__name__}: {obstacle}; "
+            "use integrator='auto' or 'diffrax'"
+        )
+    return "diffrax"
+
+
+# ------------------------------------------------------------------------------------------- fast path
+def _terminal(problem: Problem, x_end: jax.Array, theta, n: int, dtype):
+    """Terminal costs and weights of ``n`` episodes ending at ``x_end`` (struct of arrays, ``(d, n)``)."""
+    if problem.terminal_cost is None:
+        zeros = jnp.zeros((n,), dtype)
+        return zeros, zeros
+    _, w_end = problem.setting.weights()
+    tc = unroll_small_contractions(jax.vmap(problem.terminal_cost, in_axes=(1, None)))(x_end, theta).astype(dtype)
+    return tc, jnp.full((n,), w_end, dtype)
+
+
+def _fastpath_batch(problem: Problem, theta, keys, checkpoints) -> EpisodeBatch:
+    system = problem.system
+    horizon = problem.setting.horizon
+    n = keys.shape[0]
+    if isinstance(system, SDESystem):
+        k0, k_bm = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+        x0 = jax.vmap(problem.initial.sample)(k0)
+        xs, cs, finite = euler_maruyama_scan(
+            system.drift,
+            system.diffusion,
+            x0,
+            theta,
+            dt=system.dt,
+            n_steps=horizon,
+            key=k_bm,
+            cost=problem.cost,
+            checkpoints=checkpoints,
+            finite_flags=True,
+        )
+    else:
+        x0 = jax.vmap(problem.initial.sample)(keys)
+        xs, cs, finite = fixed_step_scan(
+            system.vector_field,
+            x0,
+            theta,
+            dt=system.dt,
+            n_steps=horizon,
+            solver=system.solver,
+            cost=problem.cost,
+            checkpoints=checkpoints,
+            finite_flags=True,
+        )
+    dtype = xs.dtype
+    soa = jnp.concatenate([x0.T[None], xs], axis=0)  # (H+1, d, n): every post-processing step stays in this layout
+    if isinstance(system, SDESystem):
+        ts = jnp.arange(horizon, dtype=dtype) * system.dt
+        x_prev, x_next = jax.lax.stop_gradient(soa[:-1]), jax.lax.stop_gradient(soa[1:])
+        lp_one = jax.vmap(system.log_prob, in_axes=(None, 1, 1, None))  # over episodes
+        lp_all = unroll_small_contractions(jax.vmap(lp_one, in_axes=(0, 0, 0, None)))  # over time
+        lps = lp_all(ts, x_prev, x_next, theta).T  # (n, H)
+    else:
+        lps = jnp.zeros((n, horizon), dtype)
+    tc, tw = _terminal(problem, soa[-1], theta, n, dtype)
+    states = jnp.transpose(soa, (2, 0, 1))
+    return EpisodeBatch(states, cs.T, lps.astype(dtype), jnp.ones((n, horizon + 1), bool), tc, tw, finite)
+
+
+# ------------------------------------------------------------------------------------------- chains
 def _chain_episode(problem: Problem, theta, key, checkpoints=None):
-    system: AbstractChain = problem.system
+    system = problem.system
     horizon = problem.setting.horizon
     terminal = problem.setting.terminal_set()
     key0, key_steps = jax.random.split(key)
@@ -38,51 +169,18 @@ def _chain_episode(problem: Problem, theta, key, checkpoints=None):
         return (x_new, alive_new), (x_new, cost, lp, alive_new)
 
     _, (xs, costs, lps, alives) = checkpointed_scan(
-        step, (x0, alive0), (jnp.arange(horizon), jax.random.split(key_steps, horizon)), checkpoints
+        step, (x0, alive0), (jnp.arange(horizon), jax.random.split(key_steps, horizon)), checkpoints=checkpoints
     )
     states = jnp.concatenate([x0[None], xs], axis=0)
     alive = jnp.concatenate([alive0[None], alives], axis=0)
     return states, costs, lps, alive
 
 
-def checkpointed_scan(step, carry, xs, checkpoints: int | None = None):
-    """``lax.scan(step, carry, xs)``, optionally split into ``checkpoints`` segments whose internals are
-    rematerialised in the backward pass (``jax.checkpoint``): reverse-mode memory falls from O(H) to
-    O(checkpoints + H / checkpoints) at the price of one extra forward pass. Results are identical."""
-    length = jax.tree.leaves(xs)[0].shape[0]
-    if not checkpoints or checkpoints <= 1 or checkpoints >= length:
-        return jax.lax.scan(step, carry, xs)
-    seg = length // checkpoints
-    main = seg * checkpoints
-
-    @jax.checkpoint
-    def segment(c, xs_seg):
-        return jax.lax.scan(step, c, xs_seg)
-
-    head = jax.tree.map(lambda a: a[:main].reshape(checkpoints, seg, *a.shape[1:]), xs)
-    carry, ys = jax.lax.scan(segment, carry, head)
-    ys = jax.tree.map(lambda a: a.reshape(main, *a.shape[2:]), ys)
-    if main < length:
-        carry, ys_tail = jax.lax.scan(step, carry, jax.tree.map(lambda a: a[main:], xs))
-        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, ys_tail)
-    return carry, ys
-
-
-def _ode_episode(problem: Problem, theta, key):
-    system: ODESystem = problem.system
+# ------------------------------------------------------------------------------------------- diffrax
+def _ode_diffrax_episode(problem: Problem, theta, key):
+    system = problem.system
     horizon = problem.setting.horizon
     x0 = problem.initial.sample(key)
-    if system.uses_fastpath and x0.ndim == 1:  # the fast path works on vector states
-        states, costs = fixed_step_ensemble(
-            system.vector_field,
-            x0[None],
-            theta,
-            dt=system.dt,
-            n_steps=horizon,
-            solver=system.solver,
-            cost=problem.cost,
-        )
-        return states[0], costs[0], jnp.zeros((horizon,)), jnp.ones((horizon + 1,), bool)
     t1 = horizon * system.dt
     ts = jnp.linspace(0.0, t1, horizon + 1)
 
@@ -110,35 +208,17 @@ def _ode_episode(problem: Problem, theta, key):
     costs = jnp.diff(running)
     ok = sol.result == diffrax.RESULTS.successful
     states = jnp.where(ok, states, jnp.nan)
-    return states, costs, jnp.zeros((horizon,)), jnp.ones((horizon + 1,), bool)
+    return states, costs, jnp.zeros((horizon,), costs.dtype), jnp.ones((horizon + 1,), bool)
 
 
-def _sde_episode(problem: Problem, theta, key):
-    system: SDESystem = problem.system
+def _sde_diffrax_episode(problem: Problem, theta, key):
+    """The reference path: :func:`diffrax.diffeqsolve` on a virtual Brownian tree (NaN states on failure)."""
+    system = problem.system
     horizon = problem.setting.horizon
     key0, key_bm = jax.random.split(key)
     x0 = problem.initial.sample(key0)
     t1 = horizon * system.dt
     ts = jnp.linspace(0.0, t1, horizon + 1)
-    if system.uses_fastpath and x0.ndim == 1:  # the fast path works on vector states
-        states, _ = euler_maruyama_ensemble(
-            system.drift, system.diffusion, x0[None], theta, dt=system.dt, n_steps=horizon, key=key_bm
-        )
-        states = states[0]
-    else:
-        states = _sde_diffrax(system, theta, x0, key_bm, ts)
-    # Left-point (Euler) rule for the running cost: the Euler-Maruyama discretisation of the cost integral.
-    costs = jax.vmap(problem.step_cost, in_axes=(0, None))(states[:-1], theta)
-    lps = jax.vmap(system.log_prob, in_axes=(0, 0, 0, None))(
-        ts[:-1], jax.lax.stop_gradient(states[:-1]), jax.lax.stop_gradient(states[1:]), theta
-    )
-    return states, costs, lps, jnp.ones((horizon + 1,), bool)
-
-
-def _sde_diffrax(system: SDESystem, theta, x0, key_bm, ts):
-    """The reference path: :func:`diffrax.diffeqsolve` on a virtual Brownian tree (NaN states on failure)."""
-    horizon = ts.shape[0] - 1
-    t1 = horizon * system.dt
     bm = diffrax.VirtualBrownianTree(0.0, t1, tol=system.dt / 4, shape=x0.shape, key=key_bm)
 
     def diffusion(t, x, theta):
@@ -161,25 +241,17 @@ def _sde_diffrax(system: SDESystem, theta, x0, key_bm, ts):
         throw=False,
     )
     ok = sol.result == diffrax.RESULTS.successful
-    return jnp.where(ok, sol.ys, jnp.nan)
+    states = jnp.where(ok, sol.ys, jnp.nan)
+    # Left-point (Euler) rule for the running cost: the Euler-Maruyama discretisation of the cost integral.
+    costs = jax.vmap(problem.step_cost, in_axes=(0, None))(states[:-1], theta)
+    lps = system.path_log_prob(states, theta)
+    return states, costs, lps, jnp.ones((horizon + 1,), bool)
 
 
-def simulate_episode(problem: Problem, theta: PyTree, key: jax.Array, checkpoints: int | None = None):
-    """Simulate one episode; returns ``(states, costs, log_probs, alive, terminal_cost, terminal_weight)``.
-
-    Pure and differentiable (pathwise through reparameterised sampling and diffrax adjoints). ``checkpoints``
-    rematerialises discrete-time rollouts in that many segments (see :func:`checkpointed_scan`); for ODE/SDE
-    systems choose the adjoint on the system instead (``diffrax.RecursiveCheckpointAdjoint(checkpoints=...)``).
-    """
-    if isinstance(problem.system, ODESystem):
-        states, costs, lps, alive = _ode_episode(problem, theta, key)
-    elif isinstance(problem.system, SDESystem):
-        states, costs, lps, alive = _sde_episode(problem, theta, key)
-    else:
-        states, costs, lps, alive = _chain_episode(problem, theta, key, checkpoints)
+def _with_terminal(problem: Problem, theta, states, costs, lps, alive):
+    """Add the terminal cost, paid once at the first absorbed state (or at x_H for episodes that never end)."""
     w, w_end = problem.setting.weights()
     w_full = jnp.asarray(np.append(w, w_end), costs.dtype)
-    # The terminal cost is paid once, at the first absorbed state, or at x_H for episodes that never end.
     ended = ~alive
     end_index = jnp.where(jnp.any(ended), jnp.argmax(ended), problem.setting.horizon)
     if problem.terminal_cost is not None:
@@ -188,3 +260,30 @@ def simulate_episode(problem: Problem, theta: PyTree, key: jax.Array, checkpoint
     else:
         terminal_cost = end_weight = jnp.zeros((), costs.dtype)
     return states, costs, lps, alive, terminal_cost, end_weight
+
+
+def _episode(problem: Problem, theta, key, path: str, checkpoints):
+    if path == "chain":
+        out = _chain_episode(problem, theta, key, checkpoints)
+    elif isinstance(problem.system, SDESystem):
+        out = _sde_diffrax_episode(problem, theta, key)
+    else:
+        out = _ode_diffrax_episode(problem, theta, key)
+    return _with_terminal(problem, theta, *out)
+
+
+def simulate_batch(
+    problem: Problem, theta: PyTree, keys: jax.Array, *, integrator: str = "auto", checkpoints: int | None = None
+) -> EpisodeBatch:
+    """Simulate one episode per key (``keys`` of shape ``(n,)``) on the path :func:`choose_integrator` picks.
+
+    Traceable and differentiable in ``theta``; episode ``i`` depends on ``keys[i]`` only. ``checkpoints`` splits the
+    time scan of chains and of the fast path into that many rematerialised segments (see
+    :func:`~pydso.backends.jax._scan.checkpointed_scan`); on the diffrax path the system's adjoint decides
+    (``diffrax.RecursiveCheckpointAdjoint(checkpoints=...)``).
+    """
+    path = choose_integrator(problem, integrator)
+    if path == "fastpath":
+        return _fastpath_batch(problem, theta, keys, checkpoints)
+    out = jax.vmap(lambda k: _episode(problem, theta, k, path, checkpoints))(keys)
+    return EpisodeBatch(*out)

@@ -1,8 +1,8 @@
 """Explicit Runge–Kutta tableaux as data: classic RK4 and Kutta's 3/8 rule as diffrax solvers, and the rule for
 when pydso's fixed-step fast path computes the same discrete solution as diffrax.
 
-A leaf module (diffrax and NumPy only), so that :mod:`pydso.systems` can decide ``uses_fastpath`` without importing
-the engine's fast path.
+Systems know no solver: whether the fast path applies is decided here, by the backend
+(:meth:`pydso.backends.JaxBackend.check`).
 """
 
 from collections.abc import Callable
@@ -11,6 +11,8 @@ from typing import ClassVar
 import diffrax
 import numpy as np
 from diffrax import ThirdOrderHermitePolynomialInterpolation
+
+from ..._errors import ProblemError
 
 __all__ = ["RK4", "RK4ThreeEighths", "tableau_of", "fixed_step_applies"]
 
@@ -70,16 +72,16 @@ def tableau_of(solver) -> tuple[tuple[tuple[float, ...], ...], tuple[float, ...]
     """``(a, b, c)`` of an explicit RK diffrax solver: ``a[i]`` is row ``i`` of the strictly lower triangle
     (``a[0] == ()``), ``b`` the solution weights and ``c`` the nodes (``c[0] == 0``), all Python floats.
 
-    Raises:
-        TypeError: for solvers without a readable explicit tableau (implicit, IMEX, SDE-specific, ...).
+    **Raises:** :class:`~pydso.ProblemError` for solvers without a readable explicit tableau (implicit, IMEX,
+    SDE-specific, ...).
     """
     if type(solver) is diffrax.Euler:
         return ((),), (1.0,), (0.0,)
     tab = getattr(solver, "tableau", None)
     if not isinstance(solver, diffrax.AbstractERK) or not isinstance(tab, diffrax.ButcherTableau):
-        raise TypeError(f"no explicit Butcher tableau for solver {type(solver).__name__}")
+        raise ProblemError(f"no explicit Butcher tableau for solver {type(solver).__name__}")
     if tab.implicit or tab.c1 != 0.0:
-        raise TypeError(f"solver {type(solver).__name__} is not explicit")
+        raise ProblemError(f"solver {type(solver).__name__} is not explicit")
     a = ((),) + tuple(tuple(float(v) for v in row) for row in tab.a_lower)
     b = tuple(float(v) for v in tab.b_sol)
     c = (0.0,) + tuple(float(v) for v in tab.c)
@@ -97,6 +99,6 @@ def fixed_step_applies(solver, stepsize_controller, adjoint) -> bool:
         return False
     try:
         tableau_of(solver)
-    except TypeError:
+    except ProblemError:
         return False
     return True
