@@ -3,7 +3,8 @@
 1. One fit, same model and data: a forced Duffing oscillator ``y'' + d y' + k y + k3 y^3 = g u`` (state and
    initial state estimated: 4 parameters + 2 initial states), 500 samples with measurement noise, input fed by
    linear interpolation.
-   * pydso: ``pydso.problems.sysid.fit`` (fixed-step RK4 scan in JAX, optimistix LM, forward-mode Jacobian);
+   * pydso: ``pydso.problems.sysid.fit`` (fixed-step RK4 by the JAX backend's ``fixed_step_ensemble``,
+     ``pydso.LevenbergMarquardt`` (optimistix's LM steps) in one compiled loop, forward-mode Jacobian);
      timed cold (including compilation) and warm (a second fit, compiled code reused);
    * SciPy: ``scipy.optimize.least_squares(method='lm')`` on residuals computed by ``solve_ivp`` (RK45,
      rtol 1e-8, atol 1e-10, input by ``np.interp``), finite-difference Jacobian with ``diff_step=1e-3``
@@ -62,7 +63,7 @@ def data(T, dt, E=1, seed=0, noise=0.01, truth=None, input="linear"):
     u = rng.normal(size=(E, T, 1))
     truth = truth or {k: np.full(E, v) for k, v in TRUE.items()}
     m = make_model(input)
-    sim = jax.vmap(lambda th, uu: S._simulate(m, jnp.asarray(X0), jnp.arange(T) * dt, uu, th, dt)[0])
+    sim = jax.vmap(lambda th, uu: S.simulate_outputs(m, th, jnp.asarray([X0]), uu[None], dt=dt)[0][0])
     y = np.asarray(sim(jax.tree.map(jnp.asarray, truth), jnp.asarray(u))) + noise * rng.normal(size=(E, T, 1))
     return u, y
 
@@ -122,7 +123,8 @@ def bench_single(T=500, dt=0.05):
 def bench_batch(E=200, T=100, dt=0.1):
     from dask.distributed import Client, LocalCluster
 
-    from pydso.problems.sysid._batch import _fit_one, fit_many
+    from pydso.problems.sysid import fit_many
+    from pydso.problems.sysid._batch import fit_one
 
     rng = np.random.default_rng(1)
     truth = {
@@ -139,7 +141,7 @@ def bench_batch(E=200, T=100, dt=0.1):
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None) as cl:
             with Client(cl) as client:
                 tic = time.perf_counter()
-                client.run(_fit_one, spec, "warm", ds.isel(episode=[0]), None, "simulation", None)
+                client.run(fit_one, spec, "warm", ds.isel(episode=[0]), None, "simulation", None)
                 warmup = time.perf_counter() - tic
                 tic = time.perf_counter()
                 res = fit_many(spec, ds, client=client, progress=False)

@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import pydso  # noqa: F401
-from pydso.data import make_dataset, save
-from pydso.data._readers import from_csv
+from pydso.data import from_csv, make_dataset, save
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO.parent / "shared" / "data" / "silverbox"

@@ -1,7 +1,7 @@
 """Grey-box vs linear identification of the Silverbox benchmark (a real electronic Duffing oscillator).
 
 Models (continuous time, state ``x = (y, y')``, the recorded input fed by *linear interpolation*, fixed-step RK4
-at the sample time inside one ``lax.scan``; the mass is normalised to 1):
+at the sample time by the JAX backend's ensemble integrator; the mass is normalised to 1):
 
 * grey box: ``y'' + d y' + k1 y + k3 y^3 = g u + c``, measured output ``y + y_off``;
 * linear:   ``y'' + d y' + k1 y       = g u + c``, measured output ``y + y_off``.
@@ -10,7 +10,8 @@ Input interpolation matters here: the Silverbox input is a band-limited analogue
 zero-order hold (a half-sample delay) left the grey box at about 13 mV estimation RMSE in our runs, against
 below 1 mV with linear interpolation.
 
-Both are fitted by simulation (output) error with Levenberg-Marquardt on the estimation part (the 10 multisines,
+Both are fitted by simulation (output) error with Levenberg-Marquardt (``pydso.LevenbergMarquardt``, the method
+:func:`pydso.minimize` also runs) on the estimation part (the 10 multisines,
 samples 40,586-127,416 of SNLS80mV), started from a discrete ARX(2,2) least-squares fit converted to
 continuous-time parameters. Then both are simulated on the test "arrow" (samples 0-40,000, initial state from the
 first two output samples, no data of the test part used for fitting) and the RMSE is reported on the whole arrow
@@ -53,7 +54,7 @@ def load():
         splits = json.loads(ds.attrs.get("splits", json.dumps(DEFAULT_SPLITS)))
         return (ds["input"].values[:, 0].astype(float), ds["output"].values[:, 0].astype(float), ds.attrs["dt"], splits)
     if CSV.exists():
-        from pydso.data._readers import from_csv
+        from pydso.data import from_csv
 
         ds = from_csv(CSV, columns={"input": ["V1"], "output": ["V2"]}, dt=1 / FS)
         return ds["input"].values[0, :, 0], ds["output"].values[0, :, 0], 1 / FS, DEFAULT_SPLITS

@@ -10,10 +10,10 @@ import pytest
 import xarray as xr
 
 import pydso  # noqa: F401  (float64)
-from pydso.data import make_dataset, save
-from pydso.data._readers import ReaderError, from_csv, from_mat, from_npz
+from pydso.data import from_csv, from_mat, from_npz, make_dataset, save
+from pydso.data._readers import ReaderError
 from pydso.problems import sysid as S
-from pydso.problems.sysid._batch import fit_many, load_model
+from pydso.problems.sysid import fit_many, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SILVERBOX = REPO.parent / "shared" / "data" / "silverbox"
@@ -39,9 +39,13 @@ T_BATCH, DT = 100, 0.1
 
 
 def simulate(model, theta, u, x0, dt):
+    """Outputs (episode, time, output) with per-episode parameters (every leaf of ``theta`` has the episode axis)."""
     theta = jax.tree.map(jnp.asarray, theta)
-    ys = jax.vmap(lambda th, uu: S._simulate(model, jnp.asarray(x0), jnp.arange(uu.shape[0]) * dt, uu, th, dt)[0])
-    return np.asarray(ys(theta, jnp.asarray(u)))
+
+    def one(th, uu):
+        return S.simulate_outputs(model, th, jnp.asarray(x0, float)[None], uu[None], dt=dt)[0][0]
+
+    return np.asarray(jax.vmap(one)(theta, jnp.asarray(u)))
 
 
 def io_dataset(u, y, dt, state=None):
@@ -360,13 +364,69 @@ def test_results_dir_is_clean():
 
 
 def test_results_store_is_recovered_after_a_crash_during_the_swap(tmp_path):
-    import xarray as xr
-
-    from pydso.problems.sysid import _batch as distributed
+    from pydso.problems.sysid import open_results
+    from pydso.problems.sysid._batch import write_results
 
     out = str(tmp_path / "results.zarr")
     ds = xr.Dataset({"estimate": ("experiment", np.arange(3.0))}, coords={"experiment": ["a", "b", "c"]})
-    distributed._save(ds, out)
+    write_results(ds, out)
     os.replace(out, f"{out}.old-12345")  # a crash between moving the old store aside and renaming the new one
-    recovered = distributed.open_results(out)
+    recovered = open_results(out)
     np.testing.assert_array_equal(recovered["estimate"].values, np.arange(3.0))
+    # a second write replaces pydso's own store (and leaves nothing else behind)
+    write_results(ds.assign(estimate=ds["estimate"] + 1), out)
+    np.testing.assert_array_equal(open_results(out)["estimate"].values, np.arange(3.0) + 1)
+    assert sorted(os.listdir(tmp_path)) == ["results.zarr"]
+
+
+def test_results_path_that_is_not_a_pydso_store_is_never_touched(tmp_path, batch_store):
+    """A directory of user files, a regular file, or a directory beside ``out`` named like a moved-aside store:
+    pydso refuses to write there (SysIdError naming the path) and deletes or moves nothing."""
+    from pydso.problems.sysid import open_results
+    from pydso.problems.sysid._batch import write_results
+
+    ds = xr.Dataset({"estimate": ("experiment", np.arange(2.0))}, coords={"experiment": ["a", "b"]})
+    user_dir = tmp_path / "mine.zarr"
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("precious")
+    (user_dir / ".zattrs").write_text('{"created_by": "someone else"}')
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("also precious")
+    path, _ = batch_store
+    for target in (user_dir, user_file):
+        with pytest.raises(S.SysIdError, match=f"{str(target)!r} exists and is a (directory|file) that is not a pydso"):
+            write_results(ds, target)
+        with pytest.raises(S.SysIdError, match=f"{str(target)!r} exists"):
+            fit_many(DUFFING, str(path), out=str(target), progress=False)
+        with pytest.raises(S.SysIdError, match=f"{str(target)!r} exists"):
+            open_results(target)
+    assert (user_dir / "thesis.tex").read_text() == "precious" and user_file.read_text() == "also precious"
+    # a user's directory that merely looks like a moved-aside store is not "recovered" into place
+    aside = tmp_path / "results.zarr.old-999"
+    aside.mkdir()
+    (aside / "data.bin").write_text("user data")
+    with pytest.raises(FileNotFoundError, match="no results store"):
+        open_results(tmp_path / "results.zarr")
+    assert (aside / "data.bin").read_text() == "user data" and not (tmp_path / "results.zarr").exists()
+    assert sorted(os.listdir(tmp_path)) == ["mine.zarr", "notes.txt", "results.zarr.old-999"]
+    assert sorted(os.listdir(user_dir)) == [".zattrs", "thesis.tex"]
+
+
+def test_load_model_from_package_module_on_sys_path(tmp_path, monkeypatch):
+    """Regression: 'package.module:factory' used to fail with UnboundLocalError."""
+    pkg = tmp_path / "sysid_user_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(MODEL_MODULE + "\n\ndef not_a_model():\n    return 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = load_model("sysid_user_pkg.models:make")
+    assert isinstance(model, S.ContinuousModel) and model.n_states == 2
+    assert load_model("sysid_user_pkg.models:make") is model  # cached per process
+    with pytest.raises(S.SysIdError, match="no attribute 'nope'"):
+        load_model("sysid_user_pkg.models:nope")
+    with pytest.raises(S.SysIdError, match="cannot import module 'sysid_user_pkg.missing'"):
+        load_model("sysid_user_pkg.missing:make")
+    with pytest.raises(S.SysIdError, match="expected a pydso.problems.sysid ContinuousModel.*got int"):
+        load_model("sysid_user_pkg.models:not_a_model")
+    with pytest.raises(S.SysIdError, match="calling the factory failed: TypeError"):
+        load_model("sysid_user_pkg.models:f")  # f(t, x, u, th) needs arguments

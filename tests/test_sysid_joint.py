@@ -10,7 +10,7 @@ import pydso  # noqa: F401  (float64)
 from pydso.data import make_dataset, save
 from pydso.problems import JointSysIdResult, fit_joint
 from pydso.problems import sysid as S
-from pydso.problems.sysid._batch import fit_many, load_model
+from pydso.problems.sysid import fit_many, load_model
 
 MODEL_MODULE = """
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
     }
     x0 = np.stack([rng.uniform(-0.5, 0.5, J), rng.uniform(-0.3, 0.3, J)], axis=1)
     u = rng.normal(size=(J, T, 1))
-    sim = jax.vmap(lambda th, uu, x: S._simulate(model, x, jnp.arange(T) * DT, uu, th, DT)[0])
+    sim = jax.vmap(lambda th, uu, x: S.simulate_outputs(model, th, x[None], uu[None], dt=DT)[0][0])
     y = np.asarray(sim({k: jnp.asarray(v) for k, v in truth.items()}, jnp.asarray(u), jnp.asarray(x0)))
     y_noisy = y + 0.03 * rng.normal(size=y.shape)
     return {

@@ -44,7 +44,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="dataset store paths, glob patterns (quote them) or comma-separated lists. One path: each "
         "episode is an experiment; several: each dataset is an experiment (see --by)",
     )
-    p.add_argument("--out", required=True, metavar="RESULTS.zarr", help="zarr store for the results table")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="RESULTS.zarr",
+        help="zarr store for the results table (created, or a previous pydso results store updated; any other "
+        "existing file or directory there is refused, never overwritten)",
+    )
     p.add_argument(
         "--scheduler",
         default=None,
@@ -158,11 +164,11 @@ def summary_table(res, max_rows: int = 20) -> str:
 
 
 def run(args) -> int:
-    from pydso.problems.sysid._batch import expand_paths, fit_many
+    from pydso.problems.sysid import SysIdError, expand_paths, fit_many
 
     shared = [n.strip() for n in args.shared.split(",") if n.strip()]
     if shared and not args.joint:
-        raise ValueError("--shared needs --joint (shared parameters only exist in a joint fit)")
+        raise SysIdError("--shared needs --joint (shared parameters only exist in a joint fit)")
     paths = expand_paths(args.data)
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     res = fit_many(

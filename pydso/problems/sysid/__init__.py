@@ -1,18 +1,28 @@
-r"""System identification as a DSO problem constructor.
+r"""System identification as a DSO problem constructor (the contract of :mod:`pydso.problems`).
 
 The chain is the model driven by the *recorded* input; ``theta`` holds the model parameters and the initial
 states; the cost compares the model output with the *recorded* output. Identification is then a (nonlinear)
-least-squares problem solved by Levenberg–Marquardt (:func:`optimistix.least_squares`), or any optax optimiser.
+least-squares problem: :func:`sysid` (also reachable as ``pydso.problems.sysid.sysid``; ``from pydso.problems
+import sysid`` gives this subpackage) returns a :class:`SysIdProblem`, an
+:class:`~pydso.optimize.AbstractLeastSquares` over the unconstrained vector ``theta`` with ``theta0`` its start.
+It is solved by the package's least-squares methods — :class:`pydso.LevenbergMarquardt` (default) or
+:class:`pydso.GaussNewton` — either step by step under
+``pydso.minimize(p, p.theta0, key=key, method=pydso.LevenbergMarquardt(), steps=...)`` followed by
+``p.result(theta)``, or in one compiled loop by ``p.fit()`` / :func:`fit` (the same steps,
+:func:`pydso.optimize.solve_least_squares`). ``fit(solver='bfgs' | 'optax')`` minimises the same objective with
+BFGS or an optax optimiser (BFGS is the default for the Gaussian NLL, which is not a sum of squares).
 
 Models (any JAX-traceable callables; ``theta`` is the parameter pytree — a dict of physical parameters, an
 equinox network, or both: grey-box mixes are just callables that use both):
 
 * :class:`ContinuousModel` — :math:`\dot x = f(t, x, u, \theta)`, :math:`y = h(x, u, \theta)`. The recorded input
   is fed by **zero-order hold** (default: constant over each sample interval, the usual assumption for data from
-  a DAC / ADC pair) or by **linear interpolation**. Integration: fixed-step classical RK4 with ``substeps``
-  steps per sample interval inside one :func:`jax.lax.scan` (default: fast, fixed shapes, exact for ZOH because
-  the input is constant over every step); ``integrator="diffrax"`` instead integrates adaptively (Tsit5 + PID)
-  through :class:`diffrax.LinearInterpolation` of the input (linear input only).
+  a DAC / ADC pair) or by **linear interpolation**. Integration: fixed-step classical RK4 (:class:`pydso.RK4`)
+  with ``substeps`` steps per sample interval by the JAX backend's ensemble integrator
+  :func:`pydso.backends.jax.fixed_step_ensemble` (default: all episodes as one struct-of-arrays state, one scan,
+  fixed shapes, exact for ZOH because the input is constant over every step); ``integrator="diffrax"`` instead
+  integrates adaptively (Tsit5 + PID) through :class:`diffrax.LinearInterpolation` of the input (linear input only;
+  the reference).
 * :class:`DiscreteModel` — :math:`x_{k+1} = f(x_k, u_k, \theta)`, :math:`y_k = h(x_k, u_k, \theta)`.
 
 Losses (residual vectors, all scaled by ``output_scale``, default: the standard deviation of each output):
@@ -35,15 +45,33 @@ all of them, the others (and the initial states) per experiment. The joint uncon
 block once and the per-experiment blocks with a leading experiment axis; the residual function of one experiment
 is ``jax.vmap``-ed over the stacked experiments (which must therefore have equal shapes: no padding), giving one
 least-squares problem for the same solvers and the same covariance computation over the joint vector.
+
+Batch fits (:func:`fit_many`, the ``pydso sysid`` command): one fit per experiment (or one joint fit) on Dask,
+results in a zarr store that is only ever created or replaced if it is a pydso results store.
+
+When not to use it: for systems with significant process noise, the free-run simulation error is biased and
+its intervals too narrow; use the prediction loss (with measured states) or a state-estimator problem. For very
+long records with chaotic or unstable dynamics, prefer multiple shooting to single shooting.
+
+References: L. Ljung, *System Identification: Theory for the User*, 2nd ed., Prentice Hall 1999 (output-error
+and prediction-error methods, asymptotic covariance); H. G. Bock and K. J. Plitt, "A multiple shooting algorithm
+for direct solution of optimal control problems", IFAC 1984; J. J. Moré, "The Levenberg–Marquardt algorithm:
+implementation and theory", 1978.
 """
 
 from ._batch import expand_paths, fit_many, load_model, open_results
 from ._errors import SysIdError
 from ._joint import JointSysIdProblem, JointSysIdResult, fit_joint
 from ._losses import GaussianNLL, MultipleShooting, Prediction, Simulation
-from ._models import ContinuousModel, DiscreteModel, finite_difference_states, simulate
-from ._models import _simulate as _simulate  # private, used by tests and benchmarks
-from ._problem import SysIdProblem, SysIdResult, fit, sysid
+from ._models import (
+    ContinuousModel,
+    DiscreteModel,
+    finite_difference_states,
+    simulate,
+    simulate_outputs,
+    simulate_states,
+)
+from ._problem import AbstractSysIdProblem, SysIdProblem, SysIdResult, fit, sysid
 
 __all__ = [
     "SysIdError",
@@ -53,6 +81,7 @@ __all__ = [
     "MultipleShooting",
     "Prediction",
     "GaussianNLL",
+    "AbstractSysIdProblem",
     "SysIdProblem",
     "SysIdResult",
     "JointSysIdProblem",
@@ -62,6 +91,8 @@ __all__ = [
     "fit_joint",
     "finite_difference_states",
     "simulate",
+    "simulate_outputs",
+    "simulate_states",
     "fit_many",
     "open_results",
     "load_model",

@@ -8,8 +8,11 @@ compiles the fit once per model and data shape and reuses it for every later exp
 Results come back as an ``xarray.Dataset`` (experiment x parameter: ``estimate``, ``stderr``, ``ci_low``,
 ``ci_high``; experiment x output_dim: ``rmse``, ``nrmse``, ``fit_percent``; per experiment ``status``
 (``ok`` / ``not_converged`` / ``failed``), ``error``, ``cost``, ``n_steps``, ``wall_s``), written to zarr at
-``out`` as the batch proceeds. A failing experiment (bad data, diverging solve) is recorded with its error and
-the batch goes on; re-running with the same ``out`` skips the experiments already recorded (``resume=True``).
+``out`` as the batch proceeds (crash-safe: written beside it, then swapped in). ``out`` must be new or a results
+store pydso wrote (attribute ``created_by``): any other file or directory there is refused with
+:class:`SysIdError` and left untouched. A failing experiment (bad data, diverging solve) is recorded with its
+error and the batch goes on; re-running with the same ``out`` skips the experiments already recorded
+(``resume=True``).
 
 Joint fits (``joint=True, shared=[...]``): the experiments are fitted together by
 :func:`pydso.problems.sysid.fit_joint` — the parameters named in ``shared`` are common to all experiments, the
@@ -26,10 +29,13 @@ If the joint fit fails, every experiment is recorded as failed with its error.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
+import tempfile
 import time
 import traceback
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,40 +43,61 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-__all__ = ["fit_many", "load_model", "expand_paths"]
+from ..._io import load_object
+from ._errors import SysIdError
+from ._models import StateSpaceModel
+
+__all__ = [
+    "fit_many",
+    "fit_one",
+    "load_model",
+    "expand_paths",
+    "open_results",
+    "write_results",
+    "is_results_store",
+    "RESULTS_MARKER",
+]
+
+RESULTS_MARKER = "pydso.problems.sysid.fit_many"
+"""The value of the ``created_by`` attribute that marks a results store written by pydso (the only kind of store
+:func:`write_results` replaces)."""
 
 _MODEL_CACHE: dict[str, Any] = {}
 
 
 def load_model(spec):
-    """A model from ``'module:factory'`` (the factory is called without arguments; cached per process), a
-    zero-argument callable returning a model, or a model itself."""
+    """A sysid model from ``'package.module:factory'`` or ``'path/to/file.py:factory'`` (loaded by
+    :func:`pydso._io.load_object`; the factory is called without arguments; cached per process and spec), a
+    zero-argument callable returning a model, or a model itself. Raises :class:`SysIdError` naming the spec."""
     if isinstance(spec, str):
         if spec in _MODEL_CACHE:
             return _MODEL_CACHE[spec]
-        if ":" not in spec:
-            raise ValueError(f"model {spec!r} must be given as 'module:factory'")
-        mod_name, attr = spec.split(":", 1)
-        if mod_name.endswith(".py") or os.sep in mod_name:
-            import importlib.util
-
-            path = os.path.abspath(mod_name)
-            sp = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-            if sp is None or sp.loader is None:
-                raise ValueError(f"cannot import model file {mod_name!r}")
-            module = importlib.util.module_from_spec(sp)
-            sp.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod_name)
-        if not hasattr(module, attr):
-            raise ValueError(f"module {mod_name!r} has no attribute {attr!r} (model factory)")
-        obj = getattr(module, attr)
-        model = obj() if callable(obj) and not hasattr(obj, "n_states") else obj
+        obj = load_object(spec, what=f"model {spec!r}", error=SysIdError)
+        model = _as_model(
+            _call_factory(obj, spec) if callable(obj) and not isinstance(obj, StateSpaceModel) else obj, spec
+        )
         _MODEL_CACHE[spec] = model
         return model
-    if callable(spec) and not hasattr(spec, "n_states"):
-        return spec()
-    return spec
+    if callable(spec) and not isinstance(spec, StateSpaceModel):
+        name = getattr(spec, "__name__", repr(spec))
+        return _as_model(_call_factory(spec, name), name)
+    return _as_model(spec, repr(spec))
+
+
+def _call_factory(factory, what):
+    try:
+        return factory()
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: say which, with its error
+        raise SysIdError(f"model {what!r}: calling the factory failed: {type(e).__name__}: {e}") from e
+
+
+def _as_model(obj, what):
+    if not isinstance(obj, StateSpaceModel):
+        raise SysIdError(
+            f"model {what}: expected a pydso.problems.sysid ContinuousModel or DiscreteModel (or a zero-argument "
+            f"factory returning one), got {type(obj).__name__}"
+        )
+    return obj
 
 
 def expand_paths(data: str | Sequence[str]) -> list[str]:
@@ -101,7 +128,7 @@ def _load(path: str) -> xr.Dataset:
     try:
         return xr.open_zarr(path).load()  # a plain zarr store written by xarray
     except Exception as e:  # noqa: BLE001 - report the path, not zarr's internals
-        raise ValueError(f"dataset {path!r} is neither a pydso store nor a readable zarr store: {e}") from None
+        raise SysIdError(f"dataset {path!r} is neither a pydso store nor a readable zarr store: {e}") from None
 
 
 def _experiments(data, by: str | None) -> list[tuple[str, Any, int | None]]:
@@ -112,7 +139,7 @@ def _experiments(data, by: str | None) -> list[tuple[str, Any, int | None]]:
     data = list(data)
     by = by or "dataset"
     if by not in ("dataset", "episode"):
-        raise ValueError(f"by must be 'dataset' or 'episode', got {by!r}")
+        raise SysIdError(f"by must be 'dataset' or 'episode', got {by!r}")
     sources = []
     for i, d in enumerate(data):
         if isinstance(d, xr.Dataset):
@@ -131,12 +158,13 @@ def _experiments(data, by: str | None) -> list[tuple[str, Any, int | None]]:
             exps.append((f"{name}#episode={e}", ds if isinstance(src, xr.Dataset) else src, e))
     ids = [e[0] for e in exps]
     if len(set(ids)) != len(ids):
-        raise ValueError("experiment ids are not unique (the same dataset is given twice)")
+        raise SysIdError("experiment ids are not unique (the same dataset is given twice)")
     return exps
 
 
-def _fit_one(model_spec, exp_id, source, episode, loss, fit_options) -> dict:
-    """Run one fit; never raises: failures are returned as records."""
+def fit_one(model_spec, exp_id, source, episode, loss, fit_options) -> dict:
+    """Run one fit of experiment ``exp_id`` (``source``: a dataset or a store path; ``episode``: an index or None)
+    and return its record; never raises: failures are returned as records with ``status='failed'``."""
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"id": exp_id, "status": "failed", "error": ""}
     try:
@@ -249,39 +277,94 @@ def _dataset_to_records(ds: xr.Dataset) -> list[dict]:
     return recs
 
 
-def _save(ds: xr.Dataset, out: str) -> None:
-    """Write atomically: to a temporary store, then swap it in."""
-    tmp = f"{out}.tmp-{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
-    old = f"{out}.old-{os.getpid()}"
-    if os.path.exists(out):
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if os.path.exists(old):
+def is_results_store(path) -> bool:
+    """True if ``path`` is a zarr store whose attributes carry ``created_by`` = :data:`RESULTS_MARKER` (a results
+    store written by :func:`write_results`)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return False
+    for meta, get in ((".zattrs", lambda d: d), ("zarr.json", lambda d: d.get("attributes", {}))):
+        f = os.path.join(path, meta)
+        if os.path.isfile(f):
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    attrs = get(json.load(fh))
+            except (OSError, ValueError, AttributeError):
+                return False
+            return isinstance(attrs, dict) and attrs.get("created_by") == RESULTS_MARKER
+    return False
+
+
+def check_results_path(out) -> None:
+    """Raise :class:`SysIdError` if ``out`` exists but is not a pydso results store (pydso never replaces, moves or
+    deletes anything it did not create)."""
+    out = os.fspath(out)
+    if os.path.lexists(out) and not is_results_store(out):
+        kind = "a directory" if os.path.isdir(out) else "a file" if os.path.isfile(out) else "a path"
+        raise SysIdError(
+            f"results path {out!r} exists and is {kind} that is not a pydso results store (no created_by="
+            f"{RESULTS_MARKER!r} attribute); pydso does not overwrite it: choose another output path or remove it "
+            "yourself"
+        )
+
+
+def write_results(ds: xr.Dataset, out) -> None:
+    """Write the results dataset ``ds`` to the zarr store ``out`` crash-safely: into a fresh temporary store beside
+    it, then swapped in (the previous version is moved aside under a unique name and removed after the swap; a
+    crash in between is repaired by :func:`open_results`). The store is marked ``created_by`` =
+    :data:`RESULTS_MARKER`; an ``out`` that exists but is not such a store is refused with :class:`SysIdError`."""
+    out = os.path.abspath(os.fspath(out))
+    check_results_path(out)
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    os.makedirs(parent, exist_ok=True)
+    ds = ds.copy()
+    ds.attrs = {**ds.attrs, "created_by": RESULTS_MARKER}
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
+        old = None
+        if os.path.lexists(out):
+            old = f"{out}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    if old is not None:
         shutil.rmtree(old)
 
 
 def _recover(out: str) -> None:
-    """Finish an interrupted :func:`_save`: if ``out`` is missing but its previous version was moved aside,
-    put that version back, so a crash during the swap never loses finished results."""
-    if os.path.exists(out):
+    """Finish an interrupted :func:`write_results`: if ``out`` is missing but its previous version was moved aside,
+    put that version back, so a crash during the swap never loses finished results. Only pydso results stores
+    are considered."""
+    if os.path.lexists(out):
         return
     parent = os.path.dirname(os.path.abspath(out)) or "."
     name = os.path.basename(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        return
     old = sorted(
-        (os.path.join(parent, f) for f in os.listdir(parent) if f.startswith(f"{name}.old-")), key=os.path.getmtime
+        (
+            os.path.join(parent, f)
+            for f in os.listdir(parent)
+            if f.startswith(f"{name}.old-") and is_results_store(os.path.join(parent, f))
+        ),
+        key=os.path.getmtime,
     )
     if old:
         os.replace(old[-1], out)
 
 
-def open_results(out: str) -> xr.Dataset:
+def open_results(out) -> xr.Dataset:
     """Open a results store written by :func:`fit_many` (recovering it if a save was interrupted)."""
+    out = os.fspath(out)
     _recover(out)
+    if not os.path.lexists(out):
+        raise FileNotFoundError(f"no results store at {out!r}")
+    check_results_path(out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return xr.open_zarr(out).load()
@@ -338,7 +421,7 @@ def fit_many(
         shared = [p.strip() for p in shared.split(",") if p.strip()]
     shared = list(shared or [])
     if shared and not joint:
-        raise ValueError(f"shared={shared!r} needs joint=True (shared parameters only exist in a joint fit)")
+        raise SysIdError(f"shared={shared!r} needs joint=True (shared parameters only exist in a joint fit)")
     exps = _experiments(datasets_or_paths, by)
     if joint:
         return _fit_many_joint(
@@ -359,6 +442,7 @@ def fit_many(
         )
     done: dict[str, dict] = {}
     if out is not None:
+        check_results_path(out)
         _recover(out)
     if out is not None and resume and os.path.exists(out):
         for r in _dataset_to_records(open_results(out)):
@@ -368,7 +452,7 @@ def fit_many(
     attrs = {
         "loss": str(loss),
         "model": model if isinstance(model, str) else getattr(load_model(model), "name", type(model).__name__),
-        "created_by": "pydso.problems.sysid.fit_many",
+        "created_by": RESULTS_MARKER,
     }
     records = dict(done)
     own = None
@@ -383,7 +467,7 @@ def fit_many(
             for eid, src, ep in todo:
                 if isinstance(src, xr.Dataset) and ep is not None:
                     src, ep = src.isel(episode=[ep]), None
-                fut = client.submit(_fit_one, mspec, eid, src, ep, loss, fit_options, pure=False)
+                fut = client.submit(fit_one, mspec, eid, src, ep, loss, fit_options, pure=False)
                 futures[fut] = eid
             bar = progress_bar(total=len(futures), desc="sysid fits", enable=progress)
             n_new = 0
@@ -400,14 +484,14 @@ def fit_many(
                 bar.set_postfix(failed=sum(r["status"] == "failed" for r in records.values()))
                 n_new += 1
                 if out is not None and n_new % checkpoint_every == 0:
-                    _save(_records_to_dataset([records[e[0]] for e in exps if e[0] in records], attrs), out)
+                    write_results(_records_to_dataset([records[e[0]] for e in exps if e[0] in records], attrs), out)
             bar.close()
     finally:
         _close_client(own)
     ordered = [records[e[0]] for e in exps if e[0] in records]
     result = _records_to_dataset(ordered, attrs)
     if out is not None:
-        _save(result, out)
+        write_results(result, out)
     return result
 
 
@@ -451,6 +535,7 @@ def _fit_many_joint(
 
     ids = [e[0] for e in exps]
     if out is not None:
+        check_results_path(out)
         _recover(out)
     if out is not None and resume and os.path.exists(out):
         stored = open_results(out)
@@ -465,7 +550,7 @@ def _fit_many_joint(
     attrs = {
         "loss": str(loss),
         "model": model if isinstance(model, str) else getattr(load_model(model), "name", type(model).__name__),
-        "created_by": "pydso.problems.sysid.fit_many",
+        "created_by": RESULTS_MARKER,
         "joint": True,
         "shared_requested": list(shared),
     }
@@ -500,5 +585,5 @@ def _fit_many_joint(
         for rec in _dataset_to_records(result):
             on_result(rec)
     if out is not None:
-        _save(result, out)
+        write_results(result, out)
     return result

@@ -10,7 +10,7 @@ from ._errors import SysIdError
 from ._models import DiscreteModel
 
 
-def _extract(data, model):
+def extract_arrays(data, model):
     """Arrays from a pydso dataset: u (E,T,nu), y (E,T,ny), ts (T,), dt, measured state or None."""
     import xarray as xr
 

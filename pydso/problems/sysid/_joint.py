@@ -13,7 +13,8 @@ import numpy as np
 
 from ._errors import SysIdError
 from ._losses import GaussianNLL
-from ._problem import SysIdProblem, SysIdResult, _metrics
+from ._problem import AbstractSysIdProblem, Simulator, SysIdProblem, SysIdResult, fit_metrics
+from ._transforms import ParamSpace
 
 
 @dataclasses.dataclass
@@ -152,18 +153,128 @@ class JointSysIdResult:
         return "\n".join(lines)
 
 
-class JointSysIdProblem(SysIdProblem):
+class Labels(tuple):
+    """A tuple of labels (experiment ids) that compares equal to any other :class:`Labels` and hashes to a constant:
+    labels never enter a computation, so problems that differ only in them share compiled code."""
+
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return isinstance(other, Labels)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __hash__(self):
+        return hash(Labels)
+
+
+class Sharing(eqx.Module):
+    """How the joint vector's parameter block maps to each experiment's: ``J`` experiments, the scalar parameters
+    at ``shared_idx`` (model order) common to all, those at ``local_idx`` per experiment."""
+
+    space: ParamSpace = eqx.field(static=True)
+    J: int = eqx.field(static=True)
+    shared_idx: tuple = eqx.field(static=True)
+    local_idx: tuple = eqx.field(static=True)
+    n_x0: int = eqx.field(static=True)  # per experiment
+    n_seg: int = eqx.field(static=True)  # per experiment
+
+    @property
+    def n_shared(self) -> int:
+        return len(self.shared_idx)
+
+    @property
+    def n_local(self) -> int:
+        return len(self.local_idx)
+
+    @property
+    def n_theta(self) -> int:
+        return self.n_shared + self.J * self.n_local
+
+    def theta_blocks(self, w):
+        """(experiment, scalar parameter in model order), unconstrained, from the joint vector's first block."""
+        J, ns, nl = self.J, self.n_shared, self.n_local
+        inv_perm = np.argsort(np.concatenate([np.asarray(self.shared_idx, int), np.asarray(self.local_idx, int)]))
+        th = jnp.concatenate([jnp.broadcast_to(w[:ns], (J, ns)), w[ns : ns + J * nl].reshape(J, nl)], axis=1)
+        return th[:, inv_perm]
+
+    def per_experiment(self, w):
+        """(experiment, per-experiment vector) from the joint vector ``w`` (its core prefix, or the core plus
+        segment states; trailing log noise levels are not part of it)."""
+        J = self.J
+        parts = [self.theta_blocks(w)]
+        off = self.n_theta
+        parts.append(w[off : off + J * self.n_x0].reshape(J, self.n_x0))
+        off += J * self.n_x0
+        if self.n_seg and w.shape[0] >= off + J * self.n_seg:
+            parts.append(w[off : off + J * self.n_seg].reshape(J, self.n_seg))
+        return jnp.concatenate(parts, axis=1)
+
+    def joint_index(self, i):
+        """Positions in the joint parameter block of experiment ``i``'s scalar parameters (model order)."""
+        pos = np.empty(self.space.size, dtype=int)
+        pos[list(self.shared_idx)] = np.arange(self.n_shared)
+        pos[list(self.local_idx)] = self.n_shared + i * self.n_local + np.arange(self.n_local)
+        return pos
+
+    def physical_flat(self, zt):
+        phys = jax.vmap(self.space.physical_flat)(self.theta_blocks(zt))
+        return jnp.concatenate([phys[0, list(self.shared_idx)], phys[:, list(self.local_idx)].ravel()])
+
+
+class JointSimulator(eqx.Module):
+    """Free-run simulation of all experiments at the joint core vector (the stacked :class:`Simulator` vmapped)."""
+
+    base: Simulator  # every array leaf with a leading experiment axis
+    sharing: Sharing
+
+    @property
+    def model(self):
+        return self.base.model
+
+    @property
+    def space(self):
+        return self.base.space
+
+    @property
+    def scale(self):
+        return self.base.scale[0]
+
+    @property
+    def n_theta(self) -> int:
+        return self.sharing.n_theta
+
+    def outputs(self, z):
+        """Simulated outputs (experiment, episode, time, output)."""
+        return eqx.filter_vmap(lambda s, zz: s.outputs(zz))(self.base, self.sharing.per_experiment(z))
+
+    def residuals(self, z):
+        return eqx.filter_vmap(lambda s, zz: s.residuals(zz))(self.base, self.sharing.per_experiment(z)).ravel()
+
+    def physical_flat(self, zt):
+        return self.sharing.physical_flat(zt)
+
+
+class JointSysIdProblem(AbstractSysIdProblem):
     """One identification problem over several experiments with shared and per-experiment parameters.
 
     Built from one :class:`SysIdProblem` per experiment (same model, loss and options); these must have equal
     shapes — the same number of episodes, samples and channels (shorter or ragged records are refused: trim
-    or split them first; padding with masks is not implemented). The unconstrained vector is
+    or split them first; padding with masks is not implemented). The unconstrained vector ``theta`` is
     ``[shared | local (experiment, n_local) | initial states (experiment, ...) | segment states | log noise]``;
-    :meth:`residuals` maps it to every experiment's own vector and ``jax.vmap``-s the per-experiment residual
-    function over the stacked data (leading experiment axis), so every loss, transform, solver and the
-    covariance code of :class:`SysIdProblem` apply unchanged. Output scaling is pooled over experiments
-    (default: the standard deviation of each output over all experiments) so residuals are commensurate.
+    :meth:`residuals` maps it to every experiment's own vector and vmaps the per-experiment residual function
+    over the stacked problems (leading experiment axis), so every loss, transform, method and the covariance
+    code of :class:`SysIdProblem` apply unchanged. Output scaling is pooled over experiments (default: the
+    standard deviation of each output over all experiments) so residuals are commensurate.
     """
+
+    base: SysIdProblem  # the per-experiment problems stacked: every array leaf has a leading experiment axis
+    sharing: Sharing
+    theta0: jax.Array
+    experiment_ids: Labels = eqx.field(static=True)
+    shared_names: tuple = eqx.field(static=True)
+    local_names: tuple = eqx.field(static=True)
 
     def __init__(
         self,
@@ -198,7 +309,7 @@ class JointSysIdProblem(SysIdProblem):
                 raise SysIdError(
                     f"experiment_ids must be {len(datasets)} unique ids (one per experiment), got {experiment_ids!r}"
                 )
-        self.experiment_ids = ids
+        self.experiment_ids = Labels(ids)
         probs = []
         for i, ds in enumerate(datasets):
             try:
@@ -215,32 +326,33 @@ class JointSysIdProblem(SysIdProblem):
                 )
             except SysIdError as e:
                 raise SysIdError(f"experiment {ids[i]!r}: {e}") from e
-        base = probs[0]
+        first = probs[0]
+
+        def dims(p):
+            return (p.n_episodes, p.n_samples, p.n_outputs, p.n_inputs)
+
+        def shapes(p):
+            return [np.shape(a) for a in jax.tree.leaves(p)]
+
         for i, p in enumerate(probs[1:], 1):
-            if (p.E, p.T, p.ny, p.nu) != (base.E, base.T, base.ny, base.nu) or any(
-                p.arrays[k].shape != v.shape for k, v in base.arrays.items()
-            ):
+            if dims(p) != dims(first) or shapes(p) != shapes(first):
+                (E, T, ny, nu), (E0, T0, ny0, nu0) = dims(p), dims(first)
                 raise SysIdError(
                     "joint fits need experiments of equal shape (they are stacked and vmapped; padding is not "
-                    f"implemented): experiment {ids[i]!r} has {p.E} episode(s) x {p.T} samples x {p.ny} "
-                    f"output(s) x {p.nu} input(s), experiment {ids[0]!r} has {base.E} x {base.T} x {base.ny} x "
-                    f"{base.nu}; trim or split the records to one length"
+                    f"implemented): experiment {ids[i]!r} has {E} episode(s) x {T} samples x {ny} "
+                    f"output(s) x {nu} input(s), experiment {ids[0]!r} has {E0} x {T0} x {ny0} x {nu0}; trim or "
+                    "split the records to one length"
                 )
         if output_scale is None:
-            ally = np.concatenate([p.y_np.reshape(-1, p.ny) for p in probs])
+            ally = np.concatenate([np.asarray(p.sim.y).reshape(-1, p.n_outputs) for p in probs])
             sc = np.std(ally, axis=0)
             sc = jnp.asarray(np.where(sc > 0, sc, 1.0))
-            for p in probs:
-                p.arrays["scale"] = sc
-        self.base, self.J = base, len(probs)
-        self.model, self.loss, self.space = model, base.loss, base.space
-        self.E, self.T, self.ny, self.nu, self.dt = base.E, base.T, base.ny, base.nu, base.dt
-        self.y_np = np.stack([p.y_np for p in probs])
+            probs = [eqx.tree_at(lambda q: q.sim.scale, p, sc) for p in probs]
 
         # shared / local split of the scalar parameters (model order)
         if isinstance(shared, str):
             shared = [s.strip() for s in shared.split(",") if s.strip()]
-        sp = self.space
+        sp = first.space
         leaf_idx, i0 = {}, 0
         for n, s in zip(sp.leaf_names, sp.sizes, strict=True):
             leaf_idx[n] = list(range(i0, i0 + s))
@@ -252,101 +364,66 @@ class JointSysIdProblem(SysIdProblem):
             elif s in sp.names:
                 chosen.add(sp.names.index(s))
             else:
-                avail = sp.leaf_names if sp.leaf_names == sp.names else sorted(set(sp.leaf_names) | set(sp.names))
+                avail = list(sp.leaf_names) if sp.leaf_names == sp.names else sorted(set(sp.leaf_names) | set(sp.names))
                 raise SysIdError(f"unknown shared parameter {s!r}: the model's parameters are {avail}")
-        self.shared_idx = np.array(sorted(chosen), dtype=int)
-        self.local_idx = np.array([i for i in range(sp.size) if i not in chosen], dtype=int)
-        self._inv_perm = np.argsort(np.concatenate([self.shared_idx, self.local_idx]))
-        self.shared_names = [sp.names[i] for i in self.shared_idx]
-        self.local_names = [sp.names[i] for i in self.local_idx]
-        ns, nl, J = len(self.shared_idx), len(self.local_idx), self.J
-        self.n_shared, self.n_local = ns, nl
-        self.n_theta = ns + J * nl
-        self.n_x0 = J * base.n_x0
-        self.n_seg = J * getattr(base, "n_seg", 0)
-        self.names = self.shared_names + [f"{n}@{i}" for i in range(J) for n in self.local_names]
+        shared_idx = tuple(sorted(chosen))
+        local_idx = tuple(i for i in range(sp.size) if i not in chosen)
+        J = len(probs)
+        self.sharing = Sharing(
+            space=sp, J=J, shared_idx=shared_idx, local_idx=local_idx, n_x0=first.n_x0, n_seg=first.n_seg
+        )
+        self.shared_names = tuple(sp.names[i] for i in shared_idx)
+        self.local_names = tuple(sp.names[i] for i in local_idx)
 
-        nth, nx0, nseg = base.n_theta, base.n_x0, getattr(base, "n_seg", 0)
-        Z = np.stack([np.asarray(p.z0) for p in probs])  # (J, per-experiment vector)
-        parts = [Z[0, :nth][self.shared_idx], Z[:, :nth][:, self.local_idx].ravel()]
+        nth, nx0, nseg = first.n_theta, first.n_x0, first.n_seg
+        Z = np.stack([np.asarray(p.theta0) for p in probs])  # (J, per-experiment vector)
+        parts = [Z[0, :nth][list(shared_idx)], Z[:, :nth][:, list(local_idx)].ravel()]
         parts += [Z[:, nth : nth + nx0].ravel(), Z[:, nth + nx0 : nth + nx0 + nseg].ravel()]
-        if isinstance(self.loss, GaussianNLL):
-            parts.append(np.zeros(self.ny))  # one log noise std per output, shared by all experiments
-        self.z0 = jnp.asarray(np.concatenate(parts))
-        self.arrays = {k: jnp.stack([p.arrays[k] for p in probs]) for k in base.arrays}
-        self.problems = probs
+        if isinstance(first.loss, GaussianNLL):
+            parts.append(np.zeros(first.n_outputs))  # one log noise std per output, shared by all experiments
+        self.theta0 = jnp.asarray(np.concatenate(parts))
+        self.base = jax.tree.map(lambda *xs: jnp.stack(xs), *probs)
 
-    # ---- the joint vector and the per-experiment vectors
-    def _per_experiment(self, w):
-        """(experiment, per-experiment vector) from the joint vector ``w`` (its core prefix, or the core plus
-        segment states; trailing log noise levels are not part of it)."""
-        J, ns, nl = self.J, self.n_shared, self.n_local
-        parts = [self._theta_blocks(w)]
-        off, nx0, nseg = ns + J * nl, self.base.n_x0, getattr(self.base, "n_seg", 0)
-        parts.append(w[off : off + J * nx0].reshape(J, nx0))
-        off += J * nx0
-        if nseg and w.shape[0] >= off + J * nseg:
-            parts.append(w[off : off + J * nseg].reshape(J, nseg))
-        return jnp.concatenate(parts, axis=1)
+    # ---- sizes and pieces
+    @property
+    def loss(self):
+        return self.base.loss
 
-    def _theta_blocks(self, w):
-        """(experiment, scalar parameter in model order), unconstrained, from the joint vector's first block."""
-        J, ns, nl = self.J, self.n_shared, self.n_local
-        th = jnp.concatenate([jnp.broadcast_to(w[:ns], (J, ns)), w[ns : ns + J * nl].reshape(J, nl)], axis=1)
-        return th[:, self._inv_perm]
+    @property
+    def sim(self) -> JointSimulator:
+        return JointSimulator(base=self.base.sim, sharing=self.sharing)
 
-    def _joint_index(self, i):
-        """Positions in the joint parameter block of experiment ``i``'s scalar parameters (model order)."""
-        pos = np.empty(self.space.size, dtype=int)
-        pos[self.shared_idx] = np.arange(self.n_shared)
-        pos[self.local_idx] = self.n_shared + i * self.n_local + np.arange(self.n_local)
-        return pos
+    @property
+    def n_theta(self) -> int:
+        return self.sharing.n_theta
 
-    def _physical_flat(self, zt):
-        phys = jax.vmap(self.space.physical_flat)(self._theta_blocks(zt))
-        return jnp.concatenate([phys[0, self.shared_idx], phys[:, self.local_idx].ravel()])
+    @property
+    def n_x0(self) -> int:
+        return self.sharing.J * self.sharing.n_x0
 
-    def simulate_outputs(self, z, arrays):
-        """Simulated outputs (experiment, episode, time, output)."""
-        return jax.vmap(self.base.simulate_outputs)(self._per_experiment(z), arrays)
+    @property
+    def names(self) -> list:
+        """The joint scalar parameters: the shared ones, then ``'{name}@{i}'`` per experiment."""
+        return list(self.shared_names) + [f"{n}@{i}" for i in range(self.sharing.J) for n in self.local_names]
 
-    def simulation_residuals(self, z, arrays):
-        return jax.vmap(self.base.simulation_residuals)(self._per_experiment(z), arrays).ravel()
+    def residuals(self, theta):
+        """Stacked residual vectors of all experiments (experiment-major) at the joint vector ``theta``."""
+        return eqx.filter_vmap(lambda p, zz: p.residuals(zz))(self.base, self.sharing.per_experiment(theta)).ravel()
 
-    def residuals(self, z, arrays=None):
-        """Stacked residual vectors of all experiments (experiment-major) at the joint vector ``z``."""
-        arrays = self.arrays if arrays is None else arrays
-        return jax.vmap(self.base.residuals)(self._per_experiment(z), arrays).ravel()
-
-    def _key(self, solver, extra):
-        return ("joint", self.base._key(solver, extra), self.J, tuple(self.shared_idx.tolist()), self.z0.shape)
-
-    def _post_key(self):
-        return ("joint", *self.base._post_key(), self.J, tuple(self.shared_idx.tolist()))
-
-    def fit(
-        self,
-        *,
-        solver: str = "lm",
-        rtol: float = 1e-10,
-        atol: float = 1e-10,
-        max_steps: int = 500,
-        optimizer=None,
-        steps: int = 2000,
-        z0=None,
-    ) -> JointSysIdResult:
-        """Solve the joint problem (same solvers as :meth:`SysIdProblem.fit`); return a :class:`JointSysIdResult`."""
-        s = self._solve(solver, rtol, atol, max_steps, optimizer, steps, z0)
+    def result(self, theta, *, n_steps: int = 0, code: int | None = None) -> JointSysIdResult:
+        """The joint report at the joint unconstrained vector ``theta`` (see :meth:`SysIdProblem.result`)."""
+        s = self._summary(theta, n_steps, code)
         z, est, se, q, cov = s["z"], s["estimate"], s["stderr"], s["q"], s["cov"]
-        J, E, nx = self.J, self.E, self.model.n_states
-        zj = np.asarray(self._per_experiment(z[: self.n_theta + self.n_x0]))
+        J, E, nx = self.sharing.J, self.base.n_episodes, self.model.n_states
+        zj = np.asarray(self.sharing.per_experiment(z[: self.n_core]))
         r = s["r"].reshape(J, -1)
+        y = np.asarray(self.base.sim.y)
         per, mets = [], []
         for i in range(J):
-            idx = self._joint_index(i)
-            theta = self.space.unflatten(jnp.asarray(zj[i, : self.space.size]))
-            x0 = zj[i, self.space.size :].reshape(E, nx) if self.model.estimate_x0 else np.asarray(self.arrays["x0"][i])
-            m = _metrics(s["ys"][i], self.y_np[i])
+            idx = self.sharing.joint_index(i)
+            theta_i = self.space.unflatten(jnp.asarray(zj[i, : self.space.size]))
+            x0 = zj[i, self.space.size :].reshape(E, nx) if self.model.estimate_x0 else np.asarray(self.base.sim.x0[i])
+            m = fit_metrics(s["ys"][i], y[i])
             mets.append(m)
             per.append(
                 SysIdResult(
@@ -356,7 +433,7 @@ class JointSysIdProblem(SysIdProblem):
                     ci_low=est[idx] - q * se[idx],
                     ci_high=est[idx] + q * se[idx],
                     cov=cov[np.ix_(idx, idx)],
-                    params=jax.tree.map(lambda v: np.asarray(v) if eqx.is_array(v) else v, theta),
+                    params=jax.tree.map(lambda v: np.asarray(v) if eqx.is_array(v) else v, theta_i),
                     x0=np.asarray(x0),
                     sigma2=s["sigma2"],
                     rmse=m[0],
@@ -375,7 +452,7 @@ class JointSysIdProblem(SysIdProblem):
             )
         return JointSysIdResult(
             experiments=list(self.experiment_ids),
-            names=list(self.names),
+            names=self.names,
             shared_names=list(self.shared_names),
             local_names=list(self.local_names),
             estimate=est,

@@ -1,5 +1,5 @@
 """The loss specifications: :class:`Simulation`, :class:`MultipleShooting`, :class:`Prediction`,
-:class:`GaussianNLL` and their string names (``_as_loss``).
+:class:`GaussianNLL` and their string names (:func:`as_loss`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ _LOSSES = {
 }
 
 
-def _as_loss(loss):
+def as_loss(loss):
+    """The loss object for ``loss`` (a loss object, or one of the names of ``_LOSSES``); :class:`SysIdError` else."""
     if isinstance(loss, Simulation | MultipleShooting | Prediction | GaussianNLL):
         return loss
     if isinstance(loss, str) and loss in _LOSSES:

@@ -1,24 +1,45 @@
-"""The models and their simulation: :class:`ContinuousModel` (RK4 scan or diffrax), :class:`DiscreteModel`,
-the free-run simulators (:func:`simulate`, the traced ``_simulate`` and ``_segment_sim``) and
+r"""The models and their simulation: :class:`ContinuousModel`, :class:`DiscreteModel`, the traceable simulators
+:func:`simulate_states` / :func:`simulate_outputs`, the NumPy convenience :func:`simulate` and
 :func:`finite_difference_states`.
+
+Continuous models are integrated by the JAX backend's fixed-step ensemble integrator
+(:func:`pydso.backends.jax.fixed_step_ensemble` with :class:`pydso.RK4`, the recorded input fed by zero-order hold
+or linear interpolation, ``substeps`` RK4 steps per sample interval, all episodes as one struct-of-arrays state),
+or adaptively by diffrax (``integrator="diffrax"``, the reference); discrete models by one :func:`jax.lax.scan`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..._typing import PyTree
+from ...backends.jax import RK4, fixed_step_ensemble
 from ._errors import SysIdError
 
-PyTree = Any
+__all__ = [
+    "StateSpaceModel",
+    "ContinuousModel",
+    "DiscreteModel",
+    "finite_difference_states",
+    "simulate_states",
+    "simulate_outputs",
+    "simulate",
+]
 
 
-class _Model:
+class StateSpaceModel:
+    """Common part of :class:`ContinuousModel` and :class:`DiscreteModel` (not instantiated directly).
+
+    Models are plain Python objects compared by identity: compiled fits and simulations are cached per model
+    object (pass the same object to fit many datasets with one compilation).
+    """
+
     kind = "model"
 
     def __init__(self, f, h, params, *, x0, transforms, estimate_x0, state_from_output, autonomous, name):
@@ -27,7 +48,7 @@ class _Model:
         if h is not None and not callable(h):
             raise SysIdError("model output map h must be callable or None (output = state)")
         self.f = f
-        self.h = h if h is not None else (lambda x, u, theta: x)
+        self.h = h if h is not None else _identity_output
         self.params = params
         self.x0 = np.atleast_1d(np.asarray(x0, dtype=float))
         if self.x0.ndim != 1:
@@ -40,22 +61,40 @@ class _Model:
         self.name = name or type(self).__name__
 
     def output(self, x, u, theta):
+        """:math:`y = h(x, u, \\theta)` as a 1-D array."""
         return jnp.atleast_1d(self.h(x, u, theta))
+
+    def derivative_shape(self, theta, nx: int, nu: int):
+        """Shape of ``f``'s value for a state of size ``nx`` and an input of size ``nu`` (abstract evaluation)."""
+        raise NotImplementedError
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, n_states={self.n_states})"
 
 
-class ContinuousModel(_Model):
+def _identity_output(x, u, theta):
+    return x
+
+
+class ContinuousModel(StateSpaceModel):
     r"""Continuous-time state-space model :math:`\dot x = f(t, x, u, \theta)`, :math:`y = h(x, u, \theta)`.
 
-    Arguments: ``f(t, x, u, theta)``, ``h(x, u, theta)`` (``None``: the output is the state), ``params`` (physical
-    initial guesses: dict or any pytree with float array leaves, e.g. an equinox network), ``x0`` (initial-state
-    guess; its length fixes the state dimension), ``transforms`` (``{name: None | 'positive' | 'softplus' |
-    (lower, upper)}``), ``estimate_x0`` (initial states are parameters, default True), ``input`` (``'zoh'`` or
-    ``'linear'``), ``substeps`` (RK4 steps per sample interval), ``integrator`` (``'rk4'`` fixed-step scan or
-    ``'diffrax'`` adaptive Tsit5 with linear input), ``state_from_output(y, u, dt) -> (T, n_states)`` (states
-    from data: used by prediction losses and to initialise multiple-shooting segments).
+    **Arguments:**
+
+    - ``f(t, x, u, theta)``, ``h(x, u, theta)`` (``None``: the output is the state).
+    - ``params``: physical initial guesses, a dict or any pytree with float array leaves (e.g. an equinox network).
+    - ``x0``: initial-state guess; its length fixes the state dimension.
+    - ``transforms``: ``{name: None | 'positive' | 'softplus' | (lower, upper)}``.
+    - ``estimate_x0``: the initial states are parameters (default True).
+    - ``input``: ``'zoh'`` (zero-order hold: constant over each sample interval, the usual assumption for data
+      from a DAC/ADC pair) or ``'linear'`` (linear interpolation: for band-limited analogue inputs).
+    - ``substeps``: RK4 steps per sample interval (fixed-step integration by the JAX backend).
+    - ``integrator``: ``'rk4'`` (fixed steps, :func:`pydso.backends.jax.fixed_step_ensemble`; default, fast,
+      exact for ZOH since the input is constant over every step) or ``'diffrax'`` (adaptive Tsit5 + PID with
+      ``rtol``/``atol``, input by :class:`diffrax.LinearInterpolation`: the reference; ``input='linear'`` only).
+    - ``state_from_output(y, u, dt) -> (T, n_states)``: states from data, used by prediction losses and to
+      initialise multiple-shooting segments.
+    - ``autonomous``: a system without input (the data need no ``input`` variable).
     """
 
     kind = "continuous"
@@ -95,33 +134,36 @@ class ContinuousModel(_Model):
             raise SysIdError(f"integrator must be 'rk4' or 'diffrax', got {integrator!r}")
         if integrator == "diffrax" and input != "linear":
             raise SysIdError("integrator='diffrax' feeds the input by diffrax.LinearInterpolation: use input='linear'")
-        if not isinstance(substeps, int) or substeps < 1:
+        if isinstance(substeps, bool) or not isinstance(substeps, int) or substeps < 1:
             raise SysIdError(f"substeps must be a positive integer, got {substeps!r}")
         self.input, self.substeps, self.integrator = input, substeps, integrator
         self.rtol, self.atol = rtol, atol
 
-    def step(self, t, x, u0, u1, theta, dt):
-        """State after one sample interval ``[t, t+dt]`` (RK4, ``substeps`` steps, ZOH or linear input)."""
-        n = self.substeps
-        h = dt / n
-        f = self.f
-        for j in range(n):
-            s0 = j / n
-            if self.input == "zoh":
-                ua = ub = uc = u0
-            else:
-                ua = u0 + (u1 - u0) * s0
-                ub = u0 + (u1 - u0) * (s0 + 0.5 / n)
-                uc = u0 + (u1 - u0) * (s0 + 1.0 / n)
-            tj = t + s0 * dt
-            k1 = f(tj, x, ua, theta)
-            k2 = f(tj + h / 2, x + h / 2 * k1, ub, theta)
-            k3 = f(tj + h / 2, x + h / 2 * k2, ub, theta)
-            k4 = f(tj + h, x + h * k3, uc, theta)
-            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-        return x
+    def derivative_shape(self, theta, nx: int, nu: int):
+        return jax.eval_shape(lambda x, u: self.f(0.0, x, u, theta), jnp.zeros(nx), jnp.zeros(nu)).shape
 
-    def simulate_diffrax(self, x0, ts, u, theta):
+    def states(self, theta, x0, u, *, dt, t0):
+        """States ``(N, n + 1, nx)`` from ``x0 (N, nx)`` driven by ``u (N, n + 1, nu)`` (sample ``k`` at
+        ``t0 + k dt``; the last input sample only feeds linear interpolation)."""
+        n = u.shape[1] - 1
+        if self.integrator == "diffrax":
+            ts = t0 + dt * jnp.arange(n + 1, dtype=x0.dtype)
+            return jax.vmap(lambda x, uu: self._diffrax_states(x, ts, uu, theta))(x0, u)
+        xs, _ = fixed_step_ensemble(
+            self.f,
+            x0,
+            theta,
+            dt=dt / self.substeps,
+            n_steps=n * self.substeps,
+            save_every=self.substeps,
+            solver=RK4(),
+            t0=t0,
+            inputs=u,
+            input_interpolation=self.input,
+        )
+        return xs
+
+    def _diffrax_states(self, x0, ts, u, theta):
         path = diffrax.LinearInterpolation(ts=ts, ys=u)
         term = diffrax.ODETerm(lambda t, x, th: self.f(t, x, path.evaluate(t), th))
         sol = diffrax.diffeqsolve(
@@ -133,7 +175,7 @@ class ContinuousModel(_Model):
             x0,
             args=theta,
             saveat=diffrax.SaveAt(ts=ts),
-            stepsize_controller=diffrax.PIDController(rtol=self.rtol, atol=self.atol, jump_ts=None),
+            stepsize_controller=diffrax.PIDController(rtol=self.rtol, atol=self.atol),
             max_steps=64 * ts.shape[0] + 4096,
             # forward-mode (Jacobians) and reverse-mode (optax/BFGS) both work through DirectAdjoint;
             # the default RecursiveCheckpointAdjoint is reverse-mode only
@@ -142,7 +184,7 @@ class ContinuousModel(_Model):
         return sol.ys
 
 
-class DiscreteModel(_Model):
+class DiscreteModel(StateSpaceModel):
     r"""Discrete-time state-space model :math:`x_{k+1} = f(x_k, u_k, \theta)`, :math:`y_k = h(x_k, u_k, \theta)`.
 
     Same arguments as :class:`ContinuousModel` (no integrator options). ``dt`` (optional) is the sample time the
@@ -179,8 +221,21 @@ class DiscreteModel(_Model):
         self.dt = dt
         self.integrator = "scan"
 
-    def step(self, t, x, u0, u1, theta, dt):
-        return self.f(x, u0, theta)
+    def derivative_shape(self, theta, nx: int, nu: int):
+        return jax.eval_shape(lambda x, u: self.f(x, u, theta), jnp.zeros(nx), jnp.zeros(nu)).shape
+
+    def states(self, theta, x0, u, *, dt, t0):
+        del dt, t0
+
+        def one(x, uu):
+            def body(x, u_k):
+                x1 = self.f(x, u_k, theta)
+                return x1, x1
+
+            _, xs = jax.lax.scan(body, x, uu[:-1])
+            return jnp.concatenate([x[None], xs], axis=0)
+
+        return jax.vmap(one)(x0, u)
 
 
 def finite_difference_states(order: int = 2) -> Callable:
@@ -197,51 +252,60 @@ def finite_difference_states(order: int = 2) -> Callable:
     return fn
 
 
-def _simulate(model, x0, ts, u, theta, dt):
-    """Free-run simulation of one episode: outputs (T, ny) and the final state."""
-    if getattr(model, "integrator", "rk4") == "diffrax":
-        xs = model.simulate_diffrax(x0, ts, u, theta)
-        ys = jax.vmap(lambda x, uu: model.output(x, uu, theta))(xs, u)
-        return ys, xs[-1]
-    u_next = jnp.concatenate([u[1:], u[-1:]], axis=0)
+def simulate_states(model: StateSpaceModel, theta: PyTree, x0, u, *, dt, t0=0.0) -> jax.Array:
+    r"""States of ``N`` free-run simulations (traceable and differentiable in ``theta``, ``x0``, ``u``).
 
-    def body(x, inp):
-        t, u0, u1 = inp
-        y = model.output(x, u0, theta)
-        return model.step(t, x, u0, u1, theta, dt), y
+    **Arguments:** ``model``; ``theta`` (physical parameter pytree); ``x0`` ``(N, n_states)``; ``u``
+    ``(N, n + 1, input_dim)`` the input samples at ``t0 + k dt`` (the last one only feeds linear interpolation);
+    ``dt`` the sample time; ``t0`` the start time (may be traced).
 
-    x_end, ys = jax.lax.scan(body, x0, (ts, u, u_next))
-    return ys, x_end
+    **Returns:** the states at the ``n + 1`` sample times, ``(N, n + 1, n_states)``.
+    """
+    return model.states(theta, x0, u, dt=dt, t0=t0)
 
 
-_SIM_CACHE: dict = {}
+def simulate_outputs(model: StateSpaceModel, theta: PyTree, x0, u, *, dt, t0=0.0) -> tuple[jax.Array, jax.Array]:
+    r"""Outputs and states of ``N`` free-run simulations: :math:`y_k = h(x_k, u_k, \theta)` at the samples of ``u``.
+
+    Same arguments as :func:`simulate_states`; returns ``(ys (N, n + 1, output_dim), xs (N, n + 1, n_states))``.
+    """
+    xs = model.states(theta, x0, u, dt=dt, t0=t0)
+    ys = jax.vmap(jax.vmap(lambda x, uu: model.output(x, uu, theta)))(xs, u)
+    return ys, xs
 
 
-def simulate(model, params, u, *, dt: float, x0, t0: float = 0.0) -> np.ndarray:
-    """Free-run simulation of ``model`` with parameters ``params`` (physical pytree, e.g. ``result.params``)
-    driven by the input ``u`` of shape ``(T, input_dim)`` from the state ``x0``: returns ``(T, output_dim)``.
-    Compiled once per model and input length (a fixed-step scan, as in the fit)."""
+@eqx.filter_jit
+def _simulate_compiled(model, theta, x0, u, dt, t0):
+    return simulate_outputs(model, theta, x0, u, dt=dt, t0=t0)[0]
+
+
+def simulate(model: StateSpaceModel, params: PyTree, u, *, dt: float, x0, t0: float = 0.0) -> np.ndarray:
+    """Free-run simulation of ``model`` with parameters ``params`` (NumPy in and out; compiled once per model
+    object and shapes by :func:`equinox.filter_jit`). For use inside JAX code see :func:`simulate_outputs`.
+
+    **Arguments:**
+
+    - ``model``: a :class:`ContinuousModel` or :class:`DiscreteModel`.
+    - ``params``: the physical parameter pytree (e.g. ``result.params``).
+    - ``u``: the input, ``(T, input_dim)`` (or ``(T,)``), or a batch ``(N, T, input_dim)``.
+    - ``dt``: the sample time; ``t0``: the time of the first sample.
+    - ``x0``: the initial state ``(n_states,)``, or ``(N, n_states)`` for a batch (one state is shared).
+
+    **Returns:** the outputs at the samples of ``u``: ``(T, output_dim)`` or ``(N, T, output_dim)``.
+    """
     u = np.asarray(u, float)
     if u.ndim == 1:
         u = u[:, None]
-    key = (id(model), u.shape)
-    fn = _SIM_CACHE.get(key)
-    if fn is None:
-        fn = jax.jit(lambda th, uu, x, ts, dt_: _simulate(model, x, ts, uu, th, dt_)[0])
-        _SIM_CACHE[key] = fn
-        _SIM_CACHE[("model", id(model))] = model  # keep alive: ids stay unique
-    ts = t0 + dt * np.arange(u.shape[0])
+    single = u.ndim == 2
+    ub = u[None] if single else u
+    if ub.ndim != 3:
+        raise SysIdError(f"u must have shape (T, input_dim) or (N, T, input_dim), got {u.shape}")
+    x0 = np.asarray(x0, float)
+    x0b = np.broadcast_to(x0, (ub.shape[0], model.n_states)) if x0.ndim == 1 else x0
+    if x0b.shape != (ub.shape[0], model.n_states):
+        raise SysIdError(f"x0 has shape {x0.shape}; expected ({model.n_states},) or ({ub.shape[0]}, {model.n_states})")
     th = jax.tree.map(lambda v: jnp.asarray(v) if isinstance(v, int | float | np.ndarray | np.number) else v, params)
-    return np.asarray(fn(th, jnp.asarray(u), jnp.asarray(x0, float), jnp.asarray(ts), jnp.asarray(dt, float)))
-
-
-def _segment_sim(model, x0, ts, u_ext, theta, dt):
-    """Simulate ``L`` steps: ``u_ext`` has ``L+1`` samples (the last only feeds linear interpolation)."""
-
-    def body(x, inp):
-        t, u0, u1 = inp
-        y = model.output(x, u0, theta)
-        return model.step(t, x, u0, u1, theta, dt), y
-
-    x_end, ys = jax.lax.scan(body, x0, (ts, u_ext[:-1], u_ext[1:]))
-    return ys, x_end
+    ys = np.asarray(
+        _simulate_compiled(model, th, jnp.asarray(x0b), jnp.asarray(ub), jnp.asarray(dt, float), jnp.asarray(t0, float))
+    )
+    return ys[0] if single else ys

@@ -67,52 +67,102 @@ def _path_name(path) -> str:
     return ".".join(parts) or "theta"
 
 
-class _ParamSpace:
-    """Flattens the parameter pytree (array leaves only) into an unconstrained vector and back."""
+class ParamSpace:
+    """Flattens the parameter pytree (float array leaves) into an unconstrained vector and back.
+
+    Immutable, and compared and hashed by value (structure, shapes, transforms and the non-array parts of the
+    pytree), so that problems with equal parameter spaces share compiled code. The initial unconstrained vector
+    is :attr:`z0` (not part of the comparison).
+    """
 
     def __init__(self, params, transforms):
         params = jax.tree.map(
             lambda v: jnp.asarray(v, dtype=float) if isinstance(v, int | float | np.ndarray | np.number) else v,
             params,
         )
-        dyn, self.static = eqx.partition(params, eqx.is_inexact_array)
+        dyn, static = eqx.partition(params, eqx.is_inexact_array)
+        self.static_leaves, self.static_treedef = jax.tree_util.tree_flatten(static)
+        self.static_leaves = tuple(self.static_leaves)
         leaves_p, self.treedef = jax.tree_util.tree_flatten_with_path(dyn)
         transforms = dict(transforms or {})
-        self.leaf_names = [_path_name(p) for p, _ in leaves_p]
+        self.leaf_names = tuple(_path_name(p) for p, _ in leaves_p)
         unknown = set(transforms) - set(self.leaf_names)
         if unknown:
-            raise SysIdError(f"transforms given for unknown parameters {sorted(unknown)}; have {self.leaf_names}")
-        self.shapes = [v.shape for _, v in leaves_p]
-        self.sizes = [int(np.prod(s)) for s in self.shapes]
-        self.fwd, z_leaves = [], []
-        self.specs = [transforms.get(n) for n in self.leaf_names]
+            raise SysIdError(f"transforms given for unknown parameters {sorted(unknown)}; have {list(self.leaf_names)}")
+        self.shapes = tuple(tuple(v.shape) for _, v in leaves_p)
+        self.sizes = tuple(int(np.prod(s)) for s in self.shapes)
+        self.specs = tuple(_hashable_spec(transforms.get(n)) for n in self.leaf_names)
+        z_leaves = []
         for (_, v), n, spec in zip(leaves_p, self.leaf_names, self.specs, strict=True):
-            to_phys, to_unc = _transform_pair(spec, n)
-            self.fwd.append(to_phys)
+            _, to_unc = _transform_pair(spec, n)
             z_leaves.append(jnp.ravel(to_unc(v)))
         self.size = sum(self.sizes)
         self.z0 = jnp.concatenate(z_leaves) if z_leaves else jnp.zeros((0,))
         names = []
         for n, s, shape in zip(self.leaf_names, self.sizes, self.shapes, strict=True):
             names += [n] if shape == () else [f"{n}[{i}]" for i in range(s)]
-        self.names = names
+        self.names = tuple(names)
+        self._key = (
+            self.treedef,
+            self.shapes,
+            self.specs,
+            self.static_treedef,
+            tuple(map(_by_value_or_id, self.static_leaves)),
+        )
+
+    def __eq__(self, other):
+        return isinstance(other, ParamSpace) and self._key == other._key
+
+    def __hash__(self):
+        return hash(self._key)
 
     def physical_flat(self, z):
+        """The physical values of all scalar parameters (transforms applied) from the unconstrained ``z``."""
         out, i = [], 0
-        for f, s in zip(self.fwd, self.sizes, strict=True):
-            out.append(f(z[i : i + s]))
+        for spec, n, s in zip(self.specs, self.leaf_names, self.sizes, strict=True):
+            to_phys, _ = _transform_pair(spec, n)
+            out.append(to_phys(z[i : i + s]))
             i += s
         return jnp.concatenate(out) if out else z
 
     def unflatten(self, z):
+        """The physical parameter pytree from the unconstrained vector ``z``."""
         flat = self.physical_flat(z)
         leaves, i = [], 0
         for s, shape in zip(self.sizes, self.shapes, strict=True):
             leaves.append(flat[i : i + s].reshape(shape))
             i += s
         dyn = jax.tree_util.tree_unflatten(self.treedef, leaves)
-        return eqx.combine(dyn, self.static)
+        static = jax.tree_util.tree_unflatten(self.static_treedef, list(self.static_leaves))
+        return eqx.combine(dyn, static)
 
     def jac_diag(self, z):
         """d physical / d z (the transforms act elementwise)."""
         return jax.jvp(self.physical_flat, (z,), (jnp.ones_like(z),))[1]
+
+
+def _hashable_spec(spec):
+    return tuple(spec) if isinstance(spec, list) else spec
+
+
+class _ById:
+    """Wraps an unhashable static leaf so that it compares by identity."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _ById) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+def _by_value_or_id(leaf):
+    try:
+        hash(leaf)
+    except TypeError:
+        return _ById(leaf)
+    return leaf
