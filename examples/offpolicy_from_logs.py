@@ -18,10 +18,11 @@ importance weights degenerate after smaller policy changes. Cost: Pendulum-v1's 
 over 100 steps from the task's start distribution. The behaviour is a freshly initialised MLP (it does not swing up
 or balance: a poor policy).
 
-The learning never simulates: each iteration runs :func:`pydso.proximal.improve` (a clipped PPO-like surrogate)
-on the *same* log, reweighted to the current iterate. The fresh rollouts at every iterate only *evaluate* it (the
-true discounted cost ``J`` of the noisy closed loop, and the exact undiscounted 200-step Pendulum-v1 return of the
-noise-free closed loop); they are never used for training.
+The learning never simulates: it is ``pydso.minimize`` with the method ``pydso.Proximal(n=0, data=log, ...)`` —
+each step minimises a clipped PPO-like surrogate built from the *same* log, reweighted to the current iterate
+(``n=0``: no fresh episodes). The fresh rollouts at every iterate only *evaluate* it (the true discounted cost ``J``
+of the noisy closed loop, and the exact undiscounted 200-step Pendulum-v1 return of the noise-free closed loop); they
+are never used for training.
 
 ``--system lqr``: the earlier, cheaper case x' = A x + B u + w, u = -K x (a double integrator) under a poor gain
 (:func:`lqr_problem`, :func:`record_log`, :func:`improve_from_log`, :func:`plot_history` stay importable).
@@ -43,12 +44,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import pydso  # noqa: E402
 from pydso import data as pdata  # noqa: E402
-from pydso import estimators as offpolicy  # noqa: E402
-from pydso import optimize as proximal  # noqa: E402
+from pydso import estimators  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pendulum_swingup as ps  # noqa: E402  (the Pendulum-v1 physics and the MLP policy)
@@ -151,44 +150,58 @@ def improve_from_log(
     episodes_per_chunk=500,
     metrics=None,
     describe=None,
+    seed=0,
 ):
-    """Improve the parameters from the log ``ds`` alone, ``iterations`` proximal steps from ``K0``.
+    """Improve the parameters from the log ``ds`` alone: ``iterations`` proximal steps from ``K0``.
 
-    Every step minimises the clipped surrogate (:func:`pydso.proximal.improve`, ``epochs`` passes of Adam over
-    minibatches of ``minibatch`` logged episodes) built from the *same* log, reweighted to the current iterate.
-    ``metrics``: optional dict ``name -> f(theta)`` of extra evaluations (e.g. the Pendulum-v1 return), recorded in
-    ``history``; ``describe(theta)``: a short string printed for each iterate.
+    One call of :func:`pydso.minimize` with ``pydso.Proximal(n=0, data=ds, ...)``: every step minimises the clipped
+    surrogate (``epochs`` passes of Adam over minibatches of ``minibatch`` logged episodes) built from the *same* log,
+    reweighted to the current iterate. The callback evaluates each iterate: ``metrics`` is an optional dict
+    ``name -> f(theta)`` of extra evaluations (e.g. the Pendulum-v1 return), recorded in ``history``;
+    ``describe(theta)`` a short string printed for each iterate.
 
     Returns ``(K, J, ess, gains)`` (with ``metrics``: ``(K, J, ess, gains, history)``): the final parameters, the
     true J (fresh rollouts, evaluation only), the episode ESS of the log reweighted to each iterate
     (``iterations + 1`` entries each), and the list of iterates.
     """
-    K, J, ess, gains = K0, [], [], [K0]
+    J, ess, gains = [], [], []
     history = {name: [] for name in metrics or {}}
     n = ds.sizes["episode"]
-    for it in range(iterations + 1):
+
+    def record(it, K, ess_it):
         J.append(float(jnp.mean(pydso.rollout(problem, K, key=jax.random.key(100 + it), n=eval_episodes).objective)))
-        ess.append(offpolicy.ess_report(problem, K, ds, warn_below=None)["episode"])
+        ess.append(ess_it)
+        gains.append(K)
         for name, f in (metrics or {}).items():
             history[name].append(f(K))
         if verbose:
             what = describe(K) if describe is not None else f"K = {np.asarray(K).ravel()}"
             extra = "".join(f", {name} = {v[-1]:.1f}" for name, v in history.items())
             print(f"iteration {it}: {what}, J = {J[-1]:.3f}{extra}, ESS = {ess[-1]:.1f} / {n}", flush=True)
-        if it < iterations:
-            K, _ = proximal.improve(
-                problem,
-                K,
-                ds,
-                epochs=epochs,
-                minibatch=minibatch,
-                optimizer=optax.adam(learning_rate),
-                variant="clip",
-                clip_eps=clip_eps,
-                key=jax.random.key(it),
-                episodes_per_chunk=episodes_per_chunk,
-            )
-            gains.append(K)
+
+    record(0, K0, estimators.ess_report(problem, K0, ds, warn_below=None)["episode"])
+    K = K0
+    if iterations:
+        method = pydso.Proximal(
+            n=0,
+            data=ds,
+            epochs=epochs,
+            minibatch=minibatch,
+            learning_rate=learning_rate,
+            variant="clip",
+            clip_eps=clip_eps,
+            episodes_per_chunk=episodes_per_chunk,
+        )
+        # each step reports the ESS of the log at its result as the extra scalar "ess_final"
+        result = pydso.minimize(
+            problem,
+            K0,
+            key=jax.random.key(seed),
+            steps=iterations,
+            method=method,
+            callback=lambda info: record(info.step + 1, info.theta, info.extra["ess_final"]),
+        )
+        K = result.theta
     if metrics is not None:
         return K, J, ess, gains, history
     return K, J, ess, gains

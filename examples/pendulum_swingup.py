@@ -5,7 +5,8 @@ to +-8, semi-implicit Euler update, cost ``angle_normalize(th)^2 + 0.1 thdot^2 +
 200-step episodes from ``th ~ U[-pi, pi]``, ``thdot ~ U[-1, 1]``). The policy is a 2x64 tanh MLP of gymnasium's
 observation ``(cos th, sin th, thdot)`` (rounded to float32, as the environment returns it) with output
 ``2 tanh(.)``. Plugged into the plant it gives a deterministic closed loop ``x' = f(x, theta)``:
-a :class:`pydso.DeterministicMap`, optimised by backpropagation through the rollout (``estimator="pathwise"``).
+a :class:`pydso.DeterministicMap`, optimised by backpropagation through the rollout
+(``method=pydso.Gradient(optimizer, estimator=pydso.Pathwise(), n=n)``).
 
 Training is deliberately *well conditioned* (DESIGN.md §3): a short horizon (50 steps) with discount 0.93, many
 random starts per step, a global-norm clip and a cosine-decayed Adam step. Long, weakly discounted horizons make the
@@ -138,9 +139,7 @@ def train(
         theta0,
         key=jax.random.key(seed + 10_000),
         steps=steps,
-        n=n,
-        optimizer=optimizer,
-        estimator="pathwise",
+        method=pydso.Gradient(optimizer, estimator=pydso.Pathwise(), n=n),
         callback=callback,
         progress=progress,
     )

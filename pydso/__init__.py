@@ -31,7 +31,13 @@ from .estimators import Score as Score  # noqa: E402
 from .estimators import StateValueBaseline as StateValueBaseline  # noqa: E402
 from .estimators import pathwise_gradient as pathwise_gradient  # noqa: E402
 from .estimators import score_gradient as score_gradient  # noqa: E402
+from .optimize import GaussNewton as GaussNewton  # noqa: E402
+from .optimize import Gradient as Gradient  # noqa: E402
+from .optimize import LevenbergMarquardt as LevenbergMarquardt  # noqa: E402
+from .optimize import NaturalGradient as NaturalGradient  # noqa: E402
 from .optimize import OptimizeResult as OptimizeResult  # noqa: E402
+from .optimize import PolicyIteration as PolicyIteration  # noqa: E402
+from .optimize import Proximal as Proximal  # noqa: E402
 from .optimize import StepInfo as StepInfo  # noqa: E402
 from .optimize import minimize as minimize  # noqa: E402
 from .systems import AverageCost as AverageCost  # noqa: E402

@@ -1,4 +1,5 @@
-"""Natural gradient (pydso.natural): CG with Fisher-vector products and compatible features vs pydso.exact."""
+"""Natural gradient (pydso.estimators building blocks, pydso.NaturalGradient): CG with Fisher-vector products
+and compatible features vs pydso.exact."""
 
 import functools
 
@@ -61,13 +62,19 @@ def test_compatible_features_and_cg_from_rollouts():
 def test_natural_gradient_steps_lower_exact_objective():
     problem, theta = tabular(1)
     # cost-only parameters are outside the range of F: the damping sets their step (1/damping times g)
-    step = nat.NaturalGradient(damping=1.0, learning_rate=0.3)
     J = [float(exact.objective(problem, theta))]
-    for k in range(3):
-        traj = pydso.rollout(problem, theta, key=jax.random.key(10 + k), n=1000)
-        theta, info = step(problem, theta, traj)
-        J.append(float(exact.objective(problem, theta)))
+    result = pydso.minimize(
+        problem,
+        theta,
+        key=jax.random.key(10),
+        steps=3,
+        method=pydso.NaturalGradient(n=1000, damping=1.0, learning_rate=0.3),
+        callback=lambda info: J.append(float(exact.objective(problem, info.theta))),
+    )
+    theta = result.theta
     assert J[-1] < J[0] - 0.1, J
-    step_kl = nat.NaturalGradient(damping=1e-2, learning_rate=None, max_kl=0.01)
-    _, info = step_kl(problem, theta, traj)
-    assert info["predicted_kl"] == pytest.approx(0.01, rel=1e-6)
+    assert np.all(result.history["step_size"] == 0.3)
+    traj = pydso.rollout(problem, theta, key=jax.random.key(13), n=1000)
+    step_kl = pydso.NaturalGradient(damping=1e-2, learning_rate=None, max_kl=0.01)
+    one = pydso.optimize.improve(problem, theta, traj, key=jax.random.key(0), method=step_kl)
+    assert one.history["predicted_kl"][0] == pytest.approx(0.01, rel=1e-6)

@@ -1,4 +1,4 @@
-"""Off-policy estimators (pydso.offpolicy) against the exact tabular reference (pydso.exact)."""
+"""Off-policy estimators (pydso.estimators: weights, score gradient, value fits) against pydso.exact."""
 
 import functools
 import warnings
@@ -46,18 +46,19 @@ def test_is_gradient_from_behaviour_data_matches_exact_gradient(seed):
 def test_weight_variants_and_baselines():
     problem, theta, behaviour = tabular(0)
     traj = pydso.rollout(problem, behaviour, key=jax.random.key(3), n=3000)
-    plain = op.offpolicy_gradient(problem, theta, traj, baseline=None)
-    huge_clip = op.offpolicy_gradient(problem, theta, traj, baseline=None, weight_clip=1e12)
+    plain = op.offpolicy_gradient(problem, theta, traj, baseline=pydso.NoBaseline())
+    huge_clip = op.offpolicy_gradient(problem, theta, traj, baseline=pydso.NoBaseline(), weight_clip=1e12)
     assert np.allclose(jax.tree.leaves(plain.gradient)[0], jax.tree.leaves(huge_clip.gradient)[0], rtol=1e-12)
     exact_g = exact.gradient(problem, theta)
     for kwargs in (
         {"normalize": True},
-        {"baseline": "mean"},
-        {"baseline": lambda x, th: exact.value(problem, theta)[x]},
+        {"baseline": pydso.MeanBaseline()},
+        {"baseline": pydso.StateValueBaseline(value_fn=lambda x, th: exact.value(problem, theta)[x])},
+        {"baseline": pydso.StateValueBaseline(features=lambda x, t: jax.nn.one_hot(x, S))},
     ):
         est = op.offpolicy_gradient(problem, theta, traj, **kwargs)
         assert np.all(z_scores(est, exact_g) < 4.5), kwargs
-    mean = op.offpolicy_gradient(problem, theta, traj, baseline="mean")
+    mean = op.offpolicy_gradient(problem, theta, traj, baseline=pydso.MeanBaseline())
     se = lambda e: float(sum(jnp.sum(v**2) for v in jax.tree.leaves(e.stderr)))  # noqa: E731
     assert se(mean) < se(plain)
     # weights: W_0 = 1; on-policy weights are exactly 1
@@ -100,16 +101,17 @@ def test_streaming_dataset_matches_in_memory(tmp_path):
     ds = pdata.to_dataset(traj, problem, behaviour)
     pdata.save(ds, tmp_path / "log.zarr")
     stored = pdata.open(tmp_path / "log.zarr")
-    mem = op.offpolicy_gradient(problem, theta, traj, baseline=None)
-    streamed = op.offpolicy_gradient(problem, theta, stored, baseline=None, episodes_per_chunk=200)
+    mem = op.offpolicy_gradient(problem, theta, traj, baseline=pydso.NoBaseline())
+    streamed = op.offpolicy_gradient(problem, theta, stored, baseline=pydso.NoBaseline(), episodes_per_chunk=200)
     for a, b in zip(jax.tree.leaves(mem), jax.tree.leaves(streamed), strict=True):
         assert np.allclose(a, b, rtol=1e-10, atol=1e-12)
     feats = lambda x: jax.nn.one_hot(x, S)  # noqa: E731
     v_mem = op.fit_value_linear(problem, theta, traj, feats)
     v_str = op.fit_value_linear(problem, theta, stored, feats, episodes_per_chunk=200)
     assert np.allclose(v_mem.coef, v_str.coef, rtol=1e-9)
-    norm_mem = op.offpolicy_gradient(problem, theta, traj, normalize=True, baseline=None)
-    norm_str = op.offpolicy_gradient(problem, theta, stored, normalize=True, baseline=None, episodes_per_chunk=200)
+    none = pydso.NoBaseline()
+    norm_mem = op.offpolicy_gradient(problem, theta, traj, normalize=True, baseline=none)
+    norm_str = op.offpolicy_gradient(problem, theta, stored, normalize=True, baseline=none, episodes_per_chunk=200)
     assert np.allclose(jax.tree.leaves(norm_mem.gradient)[0], jax.tree.leaves(norm_str.gradient)[0], rtol=1e-9)
     with pytest.raises(pydso.ProblemError, match="behavior_logp"):
         op.offpolicy_gradient(problem, theta, ds.drop_vars("behavior_logp"))
@@ -149,7 +151,15 @@ def test_value_network_fit():
     exact_v = np.asarray(exact.value(problem, theta))
     for method in ("mc", "td"):
         fit = op.fit_value_network(
-            net, problem, theta, traj, key=jax.random.key(1), method=method, steps=600, optimizer=optax.adam(1e-2)
+            net,
+            problem,
+            theta,
+            traj,
+            key=jax.random.key(1),
+            method=method,
+            epochs=6,
+            minibatch=30,
+            optimizer=optax.adam(1e-2),
         )
         fitted = np.asarray(jax.vmap(fit)(jnp.arange(S)))
         assert np.max(np.abs(fitted - exact_v)) < 0.1 * np.ptp(exact_v) + 0.1, (method, fitted, exact_v)
@@ -167,3 +177,32 @@ def test_offpolicy_objective_on_sde_logs_equals_the_rollout_objective():
     traj = pydso.rollout(problem, jnp.asarray(1.0), key=jax.random.key(3), n=64)
     j, _ = pydso.estimators.offpolicy_objective(problem, jnp.asarray(1.0), traj)
     np.testing.assert_allclose(j, float(jnp.mean(traj.objective)), rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "baseline",
+    [pydso.NoBaseline(), pydso.MeanBaseline(), pydso.StateValueBaseline(features=lambda x, t: jax.nn.one_hot(x, S))],
+    ids=["none", "mean", "value"],
+)
+def test_on_policy_score_is_the_offpolicy_gradient_with_unit_weights(baseline):
+    # One implementation: Score on n fresh episodes == offpolicy_gradient on the same episodes logged at theta.
+    problem, theta, _ = tabular(0)
+    key = jax.random.key(11)
+    on = pydso.score_gradient(problem, theta, key=key, n=400, baseline=baseline)
+    traj = pydso.rollout(problem, theta, key=key, n=400)
+    off = op.offpolicy_gradient(problem, theta, traj, baseline=baseline)
+    for a, b in zip(jax.tree.leaves(on), jax.tree.leaves(off), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+    # on-policy data have log-ratios of (numerically) zero
+    W = op.importance_weights(op.log_ratios(problem, theta, op.as_batch(traj, problem)))
+    np.testing.assert_allclose(np.asarray(W), 1.0, rtol=1e-12)
+
+
+def test_baselines_must_be_objects():
+    problem, theta, _ = tabular(0)
+    traj = pydso.rollout(problem, theta, key=jax.random.key(0), n=8)
+    for bad in ("mean", None, lambda x, th: 0.0):
+        with pytest.raises(pydso.ProblemError, match="baseline must be a baseline object"):
+            op.offpolicy_gradient(problem, theta, traj, baseline=bad)
+    with pytest.raises(pydso.ProblemError, match="MeanBaseline needs at least 2 episodes"):
+        pydso.score_gradient(problem, theta, key=jax.random.key(0), n=1)

@@ -1,4 +1,5 @@
-"""Proximal surrogate (pydso.proximal): exact first-order agreement with J, MC gradient, LQR improvement."""
+"""Proximal surrogate (pydso.estimators) and pydso.Proximal: exact first-order agreement with J, MC gradient,
+improvement of tabular chains and of an LQR gain from a stored log."""
 
 import functools
 
@@ -12,8 +13,8 @@ from helpers import assert_tree_allclose, random_tabular_problem
 
 import pydso
 from pydso import estimators as op
+from pydso import estimators as px
 from pydso import exact
-from pydso import optimize as px
 
 S, GAMMA, H = 4, 0.7, 50
 
@@ -62,12 +63,12 @@ def test_mc_surrogate_gradient_is_the_score_gradient():
 def test_improve_on_tabular_lowers_exact_objective():
     problem, theta = tabular(1)
     traj = pydso.rollout(problem, theta, key=jax.random.key(2), n=2000)
-    new, info = px.improve(
-        problem, theta, traj, epochs=10, minibatch=500, optimizer=optax.adam(0.05), key=jax.random.key(0)
-    )
+    method = pydso.Proximal(epochs=10, minibatch=500, optimizer=optax.adam(0.05))
+    result = pydso.optimize.improve(problem, theta, traj, key=jax.random.key(0), method=method)
+    new = result.theta
     assert float(exact.objective(problem, new)) < float(exact.objective(problem, theta)) - 0.05
-    assert info["ess_start"]["episode"] == pytest.approx(2000.0)
-    assert info["ess_end"]["episode"] < 2000.0
+    assert result.history["ess"][0] == pytest.approx(2000.0)  # the data at theta_k
+    assert result.history["ess_final"][0] < 2000.0
 
 
 def test_offpolicy_improvement_from_stored_lqr_dataset(tmp_path):
@@ -79,18 +80,11 @@ def test_offpolicy_improvement_from_stored_lqr_dataset(tmp_path):
     traj = pydso.rollout(problem, K_b, key=jax.random.key(0), n=1000)
     pdata.save(pdata.to_dataset(traj, problem, K_b), tmp_path / "lqr.zarr")
     ds = pdata.open(tmp_path / "lqr.zarr")
-    K = K_b
-    for it in range(3):  # proximal steps from the same log: data reuse with IS weights
-        K, info = px.improve(
-            problem,
-            K,
-            ds,
-            epochs=15,
-            minibatch=250,
-            optimizer=optax.adam(0.03),
-            key=jax.random.key(it),
-            episodes_per_chunk=500,
-        )
+    # three proximal steps from the same log (no new data): data reuse with IS weights, streamed by chunks
+    method = pydso.Proximal(n=0, data=ds, epochs=15, minibatch=250, optimizer=optax.adam(0.03), episodes_per_chunk=500)
+    result = pydso.minimize(problem, K_b, key=jax.random.key(0), steps=3, method=method)
+    K = result.theta
     J_b, J_new, J_opt = (float(lqr.objective(k)) for k in (K_b, K, jnp.asarray(lqr.optimal_gain())))
     assert J_new < J_b - 0.2 * (J_b - J_opt), (J_b, J_new, J_opt)
-    assert info["ess_end"]["episode"] < 1000.0
+    assert result.history["ess_final"][-1] < 1000.0
+    assert result.history["ess"][0] == pytest.approx(1000.0)  # the log was recorded at K_b

@@ -5,6 +5,12 @@
 ``factory()`` returns ``(problem, theta_template)``; ``--theta`` is an ``.npz`` of the template's leaves (named
 ``arr_0, arr_1, ...`` in ``jax.tree.leaves`` order, as ``numpy.savez(*leaves)`` writes them, or by their
 ``jax.tree_util.keystr`` paths); ``--out`` is written the same way (``arr_i``).
+
+The command builds the method object of the library — :class:`pydso.Proximal`, :class:`pydso.NaturalGradient` or
+:class:`pydso.PolicyIteration` with ``n=0`` (no simulation) and ``data=`` the store — and runs it with
+:func:`pydso.minimize`: ``proximal`` is one improvement of ``--iterations`` epochs (the store is streamed chunk by
+chunk), ``natural`` takes ``--iterations`` steps and ``api`` ``--iterations`` evaluate/improve rounds (both read the
+store into memory).
 """
 
 import argparse
@@ -37,13 +43,62 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args) -> int:
+def value_features(problem, theta):
+    """Features of the value fit of ``--method api``: one-hot states for a tabular chain, else
+    :math:`[1, x, x x^\\top]` (exact for linear-quadratic problems)."""
     import jax
+    import jax.numpy as jnp
+
+    from ..systems import TabularChain
+
+    if isinstance(problem.system, TabularChain):
+        n_states = problem.system.transition_fn(theta).shape[0]
+        return lambda x: jax.nn.one_hot(x, n_states)
+
+    def quadratic(x):
+        x = jnp.ravel(jnp.asarray(x, float))
+        return jnp.concatenate([jnp.ones(1), x, jnp.outer(x, x).ravel()])
+
+    return quadratic
+
+
+def build_method(args, problem, theta, data):
+    """The library's method object for ``args.method`` (with ``n=0``: learn from ``data`` alone) and the number of
+    :func:`pydso.minimize` steps to run."""
     import optax
 
+    from .. import optimize
+    from ..estimators import as_batch
+
+    if args.method == "proximal":
+        method = optimize.Proximal(
+            n=0,
+            data=data,
+            epochs=args.iterations,
+            minibatch=args.minibatch,
+            learning_rate=args.learning_rate,
+            episodes_per_chunk=args.episodes_per_chunk,
+        )
+        return method, 1
+    batch = as_batch(data, problem)  # the natural gradient and the value fit need the log in memory
+    if args.method == "natural":
+        return optimize.NaturalGradient(n=0, data=batch, learning_rate=args.learning_rate), args.iterations
+    method = optimize.PolicyIteration(
+        features=value_features(problem, theta),
+        n=0,
+        data=batch,
+        improve="proximal",
+        optimizer=optax.adam(args.learning_rate),
+    )
+    return method, args.iterations
+
+
+def run(args) -> int:
+    import jax
+
     from .. import data as pdata
-    from .._progress import progress_bar
-    from ..estimators import as_batch, concatenate_batches, ess_report, iter_batches, offpolicy_objective
+    from ..estimators import ess_report, offpolicy_objective
+    from ..optimize import minimize
 
     problem, template = load_factory(args.problem)
     theta = load_theta(args.theta, template)
@@ -51,64 +106,14 @@ def run(args) -> int:
         raise FileNotFoundError(f"--data: no such store {args.data!r}")
     ds = pdata.open(args.data)
     if "behavior_logp" not in ds.data_vars:
-        raise ValueError(
+        raise pdata.DatasetError(
             f"--data: {args.data!r} has no 'behavior_logp' variable; off-policy improvement needs the behaviour "
             "log-density of each logged transition"
         )
-    key = jax.random.key(args.seed)
     J0, se0 = offpolicy_objective(problem, theta, ds, episodes_per_chunk=args.episodes_per_chunk)
-    if args.method == "proximal":
-        from ..optimize import improve
-
-        theta, _ = improve(
-            problem,
-            theta,
-            ds,
-            key=key,
-            epochs=args.iterations,
-            minibatch=args.minibatch,
-            optimizer=optax.adam(args.learning_rate),
-            episodes_per_chunk=args.episodes_per_chunk,
-            progress=args.progress,
-        )
-    elif args.method == "natural":
-        from ..estimators import NaturalGradient
-
-        batch = concatenate_batches(list(iter_batches(ds, problem, args.episodes_per_chunk)))
-        step = NaturalGradient(learning_rate=args.learning_rate)
-        for _ in progress_bar(range(args.iterations), total=args.iterations, desc="natural", enable=args.progress):
-            theta, _ = step(problem, theta, batch)
-    else:
-        import jax.numpy as jnp
-
-        from ..optimize import policy_iteration
-        from ..systems import TabularChain
-
-        batch = as_batch(ds.compute(), problem)
-        if isinstance(problem.system, TabularChain):
-            n_states = problem.system.transition_fn(theta).shape[0]
-
-            def feats(x):
-                return jax.nn.one_hot(x, n_states)
-
-        else:
-
-            def feats(x):  # quadratic features: exact for linear-quadratic problems
-                x = jnp.ravel(jnp.asarray(x, float))
-                return jnp.concatenate([jnp.ones(1), x, jnp.outer(x, x).ravel()])
-
-        theta, _ = policy_iteration(
-            problem,
-            theta,
-            key=key,
-            features=feats,
-            iterations=args.iterations,
-            data=batch,
-            collect=0,
-            improve="proximal",
-            optimizer=optax.adam(args.learning_rate),
-            progress=args.progress,
-        )
+    method, steps = build_method(args, problem, theta, ds)
+    result = minimize(problem, theta, key=jax.random.key(args.seed), steps=steps, method=method, progress=args.progress)
+    theta = result.theta
     J1, se1 = offpolicy_objective(problem, theta, ds, episodes_per_chunk=args.episodes_per_chunk)
     ess = ess_report(problem, theta, ds, episodes_per_chunk=args.episodes_per_chunk)
     save_theta(args.out, theta)

@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import ProblemError
 from ._common import load_factory, load_theta
 
 
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.problem is not None or args.theta is not None:
         if args.problem is None or args.theta is None:
-            raise ValueError("--problem and --theta must be given together")
+            raise ProblemError("--problem and --theta must be given together")
         from ..estimators import ess_report
 
         problem, template = load_factory(args.problem)

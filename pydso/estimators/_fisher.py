@@ -23,7 +23,6 @@ for parameters that only enter the cost.
 """
 
 from collections.abc import Callable
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -31,28 +30,25 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from .._errors import ProblemError
+from .._typing import PyTree
 from ..systems import Problem
 from ._base import Estimate
-from ._logged import (
-    LoggedBatch,
-    _baseline_values,
-    _costs,
-    _is_terms,
-    _terminal,
-    as_batch,
-    offpolicy_gradient,
-)
-
-PyTree = Any
+from ._baselines import AbstractBaseline, MeanBaseline, check_baseline
+from ._logged import LoggedBatch, as_batch, step_costs, terminal_costs
+from ._score import offpolicy_gradient, score_advantages
+from ._weights import log_ratios, weighted_returns
 
 __all__ = [
     "fisher_vector_product",
     "batch_fisher_vector_product",
+    "batch_transitions",
     "conjugate_gradient",
     "natural_gradient_direction",
+    "solve_natural",
     "compatible_natural_gradient",
-    "NaturalGradient",
 ]
+
+_MEAN_BASELINE = MeanBaseline()  # the default baseline (one immutable instance)
 
 
 def _logp_fn(problem: Problem, x, x_next, t=None):
@@ -78,8 +74,16 @@ def fisher_vector_product(problem: Problem, theta: PyTree, x, x_next, weights, *
     return fvp
 
 
-def _batch_transitions(problem, theta, batch: LoggedBatch, weight_clip=None):
-    W = _is_terms(problem, theta, batch, weight_clip, False)[0]
+def batch_transitions(
+    problem: Problem, theta: PyTree, batch: LoggedBatch, *, weight_clip: float | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    r"""The transitions of a batch as flat arrays with their Fisher weights.
+
+    **Returns:** ``(x, x_next, d, t)``: states ``(n*H, ...)``, next states ``(n*H, ...)``, weights
+    :math:`d = w_t W_{t+1}/n` ``(n*H,)`` (step weight times the per-decision IS weight through the transition, 0 on
+    unrecorded steps), and the times ``(n*H,)`` of ``x``.
+    """
+    W = weighted_returns(problem, theta, batch, log_ratios(problem, theta, batch), weight_clip=weight_clip).weights
     n = batch.n_episodes
     d = jnp.where(batch.valid, batch.step_weights * W[:, 1:], 0.0) / n
     shape = batch.states.shape[2:]
@@ -90,9 +94,10 @@ def _batch_transitions(problem, theta, batch: LoggedBatch, weight_clip=None):
 
 
 def batch_fisher_vector_product(problem: Problem, theta: PyTree, data, *, weight_clip=None) -> Callable:
-    r"""``v -> F̂ v`` from logged episodes, :math:`\hat F = \frac1n\sum_{i,t} w_t W_{t+1} s_t s_t^\top`."""
+    r"""``v -> F̂ v`` from logged episodes, :math:`\hat F = \frac1n\sum_{i,t} w_t W_{t+1} s_t s_t^\top`
+    (:func:`batch_transitions`, :func:`fisher_vector_product`); ``data`` is read into memory."""
     batch = as_batch(data, problem)
-    x, xn, d, t = _batch_transitions(problem, theta, batch, weight_clip)
+    x, xn, d, t = batch_transitions(problem, theta, batch, weight_clip=weight_clip)
     return fisher_vector_product(problem, theta, x, xn, d, t=t)
 
 
@@ -142,29 +147,51 @@ def natural_gradient_direction(
     *,
     damping: float = 1e-3,
     cg_iters: int = 50,
-    baseline="mean",
+    baseline: AbstractBaseline = _MEAN_BASELINE,
     weight_clip: float | None = None,
     gradient: PyTree | None = None,
 ) -> tuple[PyTree, Estimate, dict]:
-    r""":math:`(\hat F + \lambda I)^{-1}\hat g` from logged episodes: :math:`\hat g` by the (off-policy) score
-    estimator (:func:`pydso.offpolicy.offpolicy_gradient`, unless ``gradient`` is given), :math:`\hat F v` by
-    :func:`batch_fisher_vector_product`, solved by :func:`conjugate_gradient`.
+    r""":math:`(\hat F + \lambda I)^{-1}\hat g` from logged (or fresh) episodes.
 
-    Returns ``(direction, gradient_estimate, cg_info)``."""
+    **Arguments:**
+
+    - ``problem``, ``theta``: the chain.
+    - ``data``: :class:`~pydso.estimators.LoggedBatch`, :class:`~pydso.Trajectories` or an in-memory dataset.
+    - ``damping``: :math:`\lambda`; ``cg_iters``: CG iterations (:func:`conjugate_gradient`).
+    - ``baseline``: baseline of the score gradient :math:`\hat g` (:func:`~pydso.estimators.offpolicy_gradient`).
+    - ``weight_clip``: truncation of the per-decision weights (gradient and Fisher).
+    - ``gradient``: use this :math:`\hat g` instead.
+
+    **Returns:** ``(direction, gradient_estimate, cg_info)``; ``cg_info`` also holds ``"quadratic"``
+    :math:`d^\top \hat F d` (for a KL-based step length).
+    """
     batch = as_batch(data, problem)
-    est = offpolicy_gradient(problem, theta, batch, baseline=baseline, weight_clip=weight_clip)
+    est = offpolicy_gradient(problem, theta, batch, baseline=check_baseline(baseline), weight_clip=weight_clip)
     g = est.gradient if gradient is None else gradient
-    direction, info = _solve_natural(problem, theta, batch, g, weight_clip, damping, cg_iters)
+    direction, info = solve_natural(problem, theta, batch, g, weight_clip=weight_clip, damping=damping, iters=cg_iters)
     return direction, est, info
 
 
 @eqx.filter_jit
-def _solve_natural(problem, theta, batch, g, weight_clip, damping, iters):
-    """CG on the batch Fisher, built inside one compiled function: the FVP closure is created under the trace,
-    so repeated calls (one per natural-gradient step) reuse the compilation instead of keying it on a new
-    Python closure each time."""
+def solve_natural(
+    problem: Problem,
+    theta: PyTree,
+    batch: LoggedBatch,
+    g: PyTree,
+    *,
+    weight_clip: float | None = None,
+    damping: float = 1e-3,
+    iters: int = 50,
+) -> tuple[PyTree, dict]:
+    r"""Solve :math:`(\hat F + \lambda I) d = g` on a batch by CG, compiled as one function (the Fisher-vector
+    product is built under the trace, so repeated calls — one per natural-gradient step — reuse the compilation).
+
+    **Returns:** ``(d, info)`` with ``info = {"iterations", "residual", "quadratic"}``, ``quadratic`` being
+    :math:`d^\top \hat F d`."""
     fvp = batch_fisher_vector_product(problem, theta, batch, weight_clip=weight_clip)
-    return conjugate_gradient(fvp, g, damping=damping, iters=iters)
+    d, info = conjugate_gradient(fvp, g, damping=damping, iters=iters)
+    quad = ravel_pytree(d)[0] @ ravel_pytree(fvp(d))[0]
+    return d, {**info, "quadratic": quad}
 
 
 def compatible_natural_gradient(
@@ -173,7 +200,7 @@ def compatible_natural_gradient(
     data,
     *,
     damping: float = 0.0,
-    baseline="mean",
+    baseline: AbstractBaseline = _MEAN_BASELINE,
     weight_clip: float | None = None,
     rcond: float = 1e-10,
 ) -> tuple[PyTree, dict]:
@@ -182,16 +209,21 @@ def compatible_natural_gradient(
     Builds the weighted score-feature matrix :math:`M = \mathrm{diag}(\sqrt{d}) S` (one row per transition,
     ``(N, p)``: use it for moderate ``p``; for networks use :func:`natural_gradient_direction`) and solves
     :math:`\min_u \|M u - \sqrt d\, y\|^2 + \lambda\|u\|^2` by an SVD :math:`M = U\Sigma V^\top`; the same SVD
-    applies :math:`(\hat F + \lambda)^{-1}` to the cost gradient. Returns ``(w, info)`` with ``info["advantage_part"]``
-    (the pure regression solution) and ``info["fisher_singular_values"]`` (:math:`\Sigma^2`).
+    applies :math:`(\hat F + \lambda)^{-1}` to the cost gradient.
+
+    **Arguments:** as :func:`natural_gradient_direction`; ``rcond`` cuts small singular values when
+    ``damping == 0`` (pseudo-inverse).
+
+    **Returns:** ``(w, info)`` with ``info["advantage_part"]`` (the pure regression solution) and
+    ``info["fisher_singular_values"]`` (:math:`\Sigma^2`).
     """
     batch = as_batch(data, problem)
-    W, W_end, costs, C, _ = _is_terms(problem, theta, batch, weight_clip, False)
-    b = _baseline_values(baseline, problem, theta, batch, W, costs, C)
+    returns = weighted_returns(problem, theta, batch, log_ratios(problem, theta, batch), weight_clip=weight_clip)
+    W = returns.weights
     n = batch.n_episodes
     d = jnp.where(batch.valid, batch.step_weights * W[:, 1:], 0.0) / n
-    num = (C[:, 1:] - W[:, 1:] * b) / n  # = d * y
-    x, xn, _, t = _batch_transitions(problem, theta, batch, weight_clip)
+    num = score_advantages(problem, theta, batch, returns, check_baseline(baseline)) / n  # = d * y
+    x, xn, _, t = batch_transitions(problem, theta, batch, weight_clip=weight_clip)
     flat, unravel = ravel_pytree(theta)
     f = _logp_fn(problem, x, xn, t)
     S = jax.jacfwd(lambda v: f(unravel(v)))(flat)  # (N, p)
@@ -209,10 +241,11 @@ def compatible_natural_gradient(
         u = Vt.T @ ((sig / (sig**2 + damping)) * (U.T @ y))
     # Cost part: per-episode gradient with the score term removed = sum_t w_t W_t grad L (+ terminal).
     wl = jax.lax.stop_gradient(batch.step_weights * W[:, :-1])
+    W_end = returns.end_weights
 
     def cost_objective(v):
         th = unravel(v)
-        return (jnp.sum(wl * _costs(problem, th, batch)) + jnp.sum(W_end * _terminal(problem, th, batch))) / n
+        return (jnp.sum(wl * step_costs(problem, th, batch)) + jnp.sum(W_end * terminal_costs(problem, th, batch))) / n
 
     g_cost = jax.grad(cost_objective)(flat)
     sig2 = sig**2
@@ -224,53 +257,3 @@ def compatible_natural_gradient(
         cost_part = Vt.T @ (proj / (sig2 + damping)) + (g_cost - Vt.T @ proj) / damping
     w = u + cost_part
     return unravel(w), {"advantage_part": unravel(u), "fisher_singular_values": sig2}
-
-
-class NaturalGradient(eqx.Module):
-    r"""A natural-gradient step usable in a loop: ``theta, info = NaturalGradient(...).step(problem, theta, data)``.
-
-    The step is :math:`\theta - \eta\,d` with :math:`d = (\hat F + \lambda I)^{-1}\hat g` (CG, ``cg_iters``).
-    With ``max_kl`` set, :math:`\eta = \sqrt{2\,\text{max\_kl} / d^\top \hat F d}` (the TRPO step length, Schulman
-    et al. 2015: the quadratic model of the KL equals ``max_kl``), capped at ``learning_rate`` if that is given.
-    """
-
-    damping: float = 1e-3
-    cg_iters: int = eqx.field(static=True, default=50)
-    learning_rate: float | None = 0.1
-    max_kl: float | None = None
-    baseline: Any = eqx.field(static=True, default="mean")
-    weight_clip: float | None = None
-
-    def step(self, problem: Problem, theta: PyTree, data) -> tuple[PyTree, dict]:
-        batch = as_batch(data, problem)
-        direction, est, info = natural_gradient_direction(
-            problem,
-            theta,
-            batch,
-            damping=self.damping,
-            cg_iters=self.cg_iters,
-            baseline=self.baseline,
-            weight_clip=self.weight_clip,
-        )
-        fvp = batch_fisher_vector_product(problem, theta, batch, weight_clip=self.weight_clip)
-        d_flat = ravel_pytree(direction)[0]
-        quad = d_flat @ ravel_pytree(fvp(direction))[0]
-        if self.max_kl is not None:
-            eta = jnp.sqrt(2.0 * self.max_kl / jnp.maximum(quad, 1e-30))
-            if self.learning_rate is not None:
-                eta = jnp.minimum(eta, self.learning_rate)
-        elif self.learning_rate is not None:
-            eta = jnp.asarray(self.learning_rate)
-        else:
-            raise ProblemError("NaturalGradient needs a learning_rate or a max_kl")
-        new = jax.tree.map(lambda t, d: t - eta * d, theta, direction)
-        return new, {
-            "objective": float(est.objective),
-            "objective_stderr": float(est.objective_stderr),
-            "step_size": float(eta),
-            "predicted_kl": float(0.5 * eta**2 * quad),
-            "cg_iterations": int(info["iterations"]),
-            "cg_residual": float(info["residual"]),
-        }
-
-    __call__ = step

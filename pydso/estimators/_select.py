@@ -1,4 +1,4 @@
-"""Estimators by name."""
+"""Estimators by name: the small registry behind ``pydso.Gradient(estimator="pathwise" | "score")``."""
 
 from .._errors import ProblemError
 from ._base import AbstractEstimator
@@ -9,7 +9,15 @@ __all__ = ["as_estimator"]
 
 
 def as_estimator(estimator: "str | AbstractEstimator") -> AbstractEstimator:
-    """``"pathwise"`` -> :class:`Pathwise`, ``"score"`` -> :class:`Score` (mean baseline); objects pass through."""
+    """The estimator object for ``estimator``.
+
+    **Arguments:**
+
+    - ``estimator``: an estimator object (returned as is), ``"pathwise"`` (:class:`Pathwise`) or ``"score"``
+      (:class:`Score` with its default :class:`MeanBaseline`).
+
+    **Returns:** an :class:`AbstractEstimator`; raises :class:`~pydso.ProblemError` for anything else.
+    """
     if isinstance(estimator, AbstractEstimator):
         return estimator
     if estimator == "pathwise":

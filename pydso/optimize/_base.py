@@ -18,11 +18,14 @@ class StepStats(eqx.Module):
     - ``objective``: an estimate of :math:`J(\theta_k)` (for least squares: :math:`\tfrac12\|r(\theta_k)\|^2`).
     - ``objective_stderr``: its standard error (0 where the objective is exact).
     - ``grad_norm``: the Euclidean norm of the gradient (estimate) used by the step.
+    - ``extra``: optional method-specific scalars (effective sample size, step size, ...), a dict with the same
+      keys at every step; :func:`pydso.minimize` records each in its history under its name.
     """
 
     objective: jax.Array
     objective_stderr: jax.Array
     grad_norm: jax.Array
+    extra: dict = eqx.field(default_factory=dict)
 
 
 class AbstractMethod(eqx.Module):
@@ -44,6 +47,11 @@ class AbstractMethod(eqx.Module):
     def step(self, problem, theta: PyTree, state: PyTree, *, key: jax.Array) -> tuple[PyTree, PyTree, StepStats]:
         """One step from ``theta``: returns ``(new_theta, new_state, stats)``. ``key`` is this step's key."""
 
+    def converged(self, state: PyTree) -> bool:
+        """Whether the method's own stopping test holds in ``state`` (e.g. Levenberg–Marquardt's tolerances);
+        :func:`pydso.minimize` then stops early. Stochastic methods have none: the default is ``False``."""
+        return False
+
     def describe(self) -> str:
         """A process-independent description, stored in checkpoints to refuse resuming with another method."""
         return type(self).__name__
@@ -55,4 +63,4 @@ class AbstractLeastSquares(eqx.Module):
 
     @abc.abstractmethod
     def residuals(self, theta: PyTree) -> jax.Array:
-        """The residual vector :math:`r(\theta)`, 1-D, traceable and differentiable in ``theta``."""
+        r"""The residual vector :math:`r(\theta)`, 1-D, traceable and differentiable in ``theta``."""
