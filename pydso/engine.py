@@ -38,14 +38,15 @@ __all__ = [
 class Trajectories(eqx.Module):
     r"""A batch of ``n`` episodes of horizon ``H`` (a pytree; index it like ``traj[i]`` with ``jax.tree``).
 
-    Attributes:
-        states: ``(n, H+1, *state_shape)``; frozen after absorption in a terminal set.
-        costs: ``(n, H)`` step costs :math:`L(x_t,\theta)` (interval integrals for ODE/SDE), zero after absorption.
-        terminal_costs: ``(n,)`` :math:`\Phi` at the episode's last state (0 without a terminal cost).
-        log_probs: ``(n, H)`` :math:`\log P(x_{t+1}\mid x_t,\theta)`, zero after absorption or without a density.
-        alive: ``(n, H+1)`` True while the episode has not entered the terminal set.
-        step_weights: ``(H,)`` the setting's weights :math:`w_t`.
-        terminal_weights: ``(n,)`` the weight applied to ``terminal_costs`` (:math:`w` at the end time).
+    **Attributes:**
+
+    - ``states``: ``(n, H+1, *state_shape)``; frozen after absorption in a terminal set.
+    - ``costs``: ``(n, H)`` step costs :math:`L(x_t,\theta)` (interval integrals for ODE/SDE), zero after absorption.
+    - ``terminal_costs``: ``(n,)`` :math:`\Phi` at the episode's last state (0 without a terminal cost).
+    - ``log_probs``: ``(n, H)`` :math:`\log P(x_{t+1}\mid x_t,\theta)`, zero after absorption or without a density.
+    - ``alive``: ``(n, H+1)`` True while the episode has not entered the terminal set.
+    - ``step_weights``: ``(H,)`` the setting's weights :math:`w_t`.
+    - ``terminal_weights``: ``(n,)`` the weight applied to ``terminal_costs`` (:math:`w` at the end time).
     """
 
     states: jax.Array
@@ -132,24 +133,30 @@ def rollout(
 ):
     r"""Simulate ``n`` independent episodes of ``problem`` under parameters ``theta``.
 
-    Args:
-        problem: the DSO problem.
-        theta: parameter pytree (checked for finiteness and shape-compatibility with the system).
-        key: a JAX PRNG key; the same key gives bit-identical trajectories, independent of ``chunk_size``.
-        n: number of episodes.
-        chunk_size: run at most this many episodes per compiled call (for ensembles larger than memory).
-            Chunks share one compiled shape (the last one is padded).
-        progress: show a progress bar over chunks (default: only for several chunks on a TTY).
-        check: raise :class:`~pydso.DivergenceError` if a state is non-finite (a diverging or failed solve).
-        record: path of a :mod:`pydso.data` zarr store. Each chunk is written as soon as it is simulated, with
-            the behaviour log-density of every transition, and is not kept in memory, so ``n`` may exceed memory.
-            Chunks go to a hidden staging store first; only a complete recording is committed (renamed into
-            place, or appended to an existing store as one atomic part), so a divergence or an interruption
-            leaves the store exactly as it was.
+    **Arguments:**
 
-    Returns:
-        :class:`Trajectories` with leading dimension ``n``; with ``record``, the store opened lazily
-        (:func:`pydso.data.open`) instead.
+    - ``problem``: the DSO problem.
+    - ``theta``: parameter pytree (checked for finiteness and shape-compatibility with the system).
+    - ``key``: a JAX PRNG key, split into one key per episode before chunking: the same key gives the same
+      trajectories whatever ``chunk_size`` is (bit-identical for chains; for the fixed-step ODE/SDE kernel equal to
+      rounding, since XLA may fuse multiply-adds differently for other array widths).
+    - ``n``: number of episodes.
+    - ``backend``: where the episodes are computed: a registered name (default ``"jax"``) or an
+      :class:`~pydso.backends.AbstractBackend` instance such as ``JaxBackend(integrator="diffrax")``.
+    - ``chunk_size``: run at most this many episodes per compiled call (for ensembles larger than memory).
+      Chunks share one compiled shape (the last one is padded).
+    - ``progress``: show a progress bar over chunks (default: only for several chunks on a TTY).
+    - ``check``: raise :class:`~pydso.DivergenceError` if a state is non-finite (a diverging or failed solve).
+    - ``record``: path of a :mod:`pydso.data` zarr store. Each chunk is written as soon as it is simulated, with
+      the behaviour log-density of every transition, and is not kept in memory, so ``n`` may exceed memory.
+      Chunks go to a hidden staging store first; only a complete recording is committed (renamed into
+      place, or appended to an existing store as one atomic part), so a divergence or an interruption
+      leaves the store exactly as it was.
+
+    **Returns:**
+
+    :class:`Trajectories` with leading dimension ``n``; with ``record``, the store opened lazily
+    (:func:`pydso.data.open`) instead.
     """
     key = check_key(key)
     n = check_positive_int(n, "n")

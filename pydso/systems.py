@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_finite_tree
+from ._checks import check_finite_tree, check_positive_int
 from ._errors import ProblemError
 from ._typing import PyTree
 
@@ -79,7 +79,7 @@ class AbstractSystem(eqx.Module):
         r""":math:`\log P(x_{k+1}\mid x_k,\theta)` along one episode's states ``(H+1, ...)``, shape ``(H,)``.
         The states are held fixed (``stop_gradient``): the result is differentiable in ``theta`` only."""
         states = jax.lax.stop_gradient(states)
-        ts = jnp.arange(states.shape[0] - 1) * self.time_step
+        ts = jnp.arange(states.shape[0] - 1, dtype=jnp.result_type(float)) * self.time_step
         return jax.vmap(self.log_prob, in_axes=(0, 0, 0, None))(ts, states[:-1], states[1:], theta)
 
 
@@ -248,11 +248,6 @@ class SDESystem(AbstractSystem):
 
 
 # --------------------------------------------------------------------------------------------- settings
-def _check_horizon(horizon):
-    if isinstance(horizon, bool) or not isinstance(horizon, int | np.integer) or horizon <= 0:
-        raise ProblemError(f"horizon must be a positive integer number of steps, got {horizon!r}")
-
-
 class AbstractSetting(eqx.Module):
     r"""How step costs are weighted: the objective of one episode is
     :math:`\sum_{t<H} w_t L(x_t) + w_H \Phi(x_H)`, and :math:`J(\theta)` is its expectation."""
@@ -283,7 +278,7 @@ class Episodic(AbstractSetting):
         g = self.gamma
         if not isinstance(g, int | float) or not np.isfinite(g) or not (0.0 < g <= 1.0):
             raise ProblemError(f"Episodic.gamma must lie in (0, 1], got {g!r}")
-        _check_horizon(self.horizon)
+        check_positive_int(self.horizon, "horizon")
         if self.terminal is not None and not callable(self.terminal):
             raise ProblemError("Episodic.terminal must be a callable terminal(x) -> bool or None")
 
@@ -304,7 +299,7 @@ class AverageCost(AbstractSetting):
     burn_in: int = eqx.field(static=True, default=0)
 
     def __check_init__(self):
-        _check_horizon(self.horizon)
+        check_positive_int(self.horizon, "horizon")
         if not isinstance(self.burn_in, int | np.integer) or not (0 <= self.burn_in < self.horizon):
             raise ProblemError(f"AverageCost.burn_in must be an integer in [0, horizon), got {self.burn_in!r}")
 
@@ -320,7 +315,7 @@ class FiniteHorizon(AbstractSetting):
     horizon: int = eqx.field(static=True, default=100)
 
     def __check_init__(self):
-        _check_horizon(self.horizon)
+        check_positive_int(self.horizon, "horizon")
 
     def weights(self):
         return np.ones(self.horizon), 1.0

@@ -257,7 +257,7 @@ def _diffrax_zoh(x0, us, th, dt, save_every, solver, t0):
 
         xs, cs, x = [x0], [], x0
         for k in range(us.shape[0] - 1):
-            steps = t0 + (k * save_every + jnp.arange(save_every + 1)) * dt
+            steps = t0 + (k * save_every + jnp.arange(save_every + 1, dtype=float)) * dt
             sol = diffrax.diffeqsolve(
                 diffrax.ODETerm(field),
                 solver,
@@ -280,7 +280,7 @@ def _diffrax_zoh(x0, us, th, dt, save_every, solver, t0):
 def _diffrax_linear(x0, us, th, dt, save_every, solver, t0):
     """Linearly interpolated input as diffrax: one solve with :class:`diffrax.LinearInterpolation` of the samples."""
     n_save = us.shape[1] - 1
-    ts = t0 + save_every * dt * jnp.arange(n_save + 1)
+    ts = t0 + save_every * dt * jnp.arange(n_save + 1, dtype=float)
 
     def one(x0, us):
         u_of_t = diffrax.LinearInterpolation(ts, us)
@@ -485,3 +485,16 @@ def test_widths_padded_against_cache_aliasing_give_the_same_trajectories():
     s, c = euler_maruyama_ensemble(drift, diff, x0, 1.3, key=keys, **em)
     s_head, c_head = euler_maruyama_ensemble(drift, diff, x0[: N - 12], 1.3, key=keys[: N - 12], **em)
     assert s.shape == (N, 7, 2) and relerr(s[: N - 12], s_head) < 1e-14 and relerr(c[: N - 12], c_head) < 1e-14
+
+
+def test_backend_registry_selects_by_name_and_explains_missing_ones():
+    from pydso.backends import JaxBackend, available_backends, get_backend, register_backend
+
+    assert "jax" in available_backends() and isinstance(get_backend(None), JaxBackend)
+    mine = JaxBackend(integrator="diffrax")
+    assert get_backend(mine) is mine
+    with pytest.raises(pydso.ProblemError, match="backend must be one of"):
+        get_backend("no-such-backend")
+    register_backend("test-lazy-missing", "pydso_no_such_module:Backend")  # a lazily imported optional backend
+    with pytest.raises(pydso.ProblemError, match="not available here"):
+        get_backend("test-lazy-missing")

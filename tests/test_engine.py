@@ -102,7 +102,7 @@ def test_sde_ornstein_uhlenbeck_moments():
 def test_tabular_chain_visits_match_transition_matrix():
     P = jnp.array([[0.2, 0.8], [0.6, 0.4]])
     problem = pydso.Problem(
-        pydso.TabularChain(lambda th: th), lambda x, th: 1.0 * x, pydso.Episodic(0.9, 2), pydso.Categorical([1.0, 0.0])
+        pydso.TabularChain(lambda th: th), lambda x, th: jnp.asarray(x, float), pydso.Episodic(0.9, 2), pydso.Categorical([1.0, 0.0])
     )
     traj = pydso.rollout(problem, P, key=KEY, n=20000)
     freq = float(np.mean(np.asarray(traj.states[:, 1]) == 1))
@@ -337,7 +337,7 @@ def test_sde_fast_path_equals_diffrax_euler_maruyama_on_the_same_increments():
     traj = pydso.rollout(problem, a, key=KEY, n=3, backend=FASTPATH)
     # Rebuild each episode's increments exactly as the fast path draws them, and drive diffrax's Euler
     # (Euler-Maruyama) with them through a piecewise-linear Brownian path.
-    ts = dt * jnp.arange(horizon + 1)
+    ts = dt * jnp.arange(horizon + 1, dtype=float)
     for i, key in enumerate(pydso.engine.episode_keys(KEY, 3)):
         key0, key_bm = jax.random.split(key)
         x0 = problem.initial.sample(key0)

@@ -1,13 +1,13 @@
 """The backend interface and its registry."""
 
 import abc
-import importlib
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 
 from .._errors import ProblemError
+from .._io import load_object
 from .._typing import PyTree
 
 __all__ = ["AbstractBackend", "EpisodeBatch", "register_backend", "get_backend", "available_backends"]
@@ -80,9 +80,5 @@ def get_backend(backend: "str | AbstractBackend | None" = None) -> AbstractBacke
         )
     factory = _REGISTRY[name]
     if isinstance(factory, str):
-        module_name, attr = factory.split(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except ImportError as e:
-            raise ProblemError(f"backend {name!r} is not available here: {e}") from e
+        factory = load_object(factory, what=f"backend {name!r} (not available here)")
     return factory()

@@ -17,11 +17,12 @@ __all__ = ["Estimate", "AbstractEstimator", "mean_and_stderr"]
 class Estimate(eqx.Module):
     """A Monte-Carlo gradient estimate.
 
-    Attributes:
-        gradient: mean of the per-episode gradient estimates (pytree like theta).
-        stderr: standard error of ``gradient`` (same pytree).
-        objective: mean per-episode objective, an unbiased estimate of :math:`J(\\theta)`.
-        objective_stderr: its standard error.
+    **Attributes:**
+
+    - ``gradient``: mean of the per-episode gradient estimates (pytree like theta).
+    - ``stderr``: standard error of ``gradient`` (same pytree).
+    - ``objective``: mean per-episode objective, an unbiased estimate of :math:`J(\\theta)`.
+    - ``objective_stderr``: its standard error.
     """
 
     gradient: PyTree

@@ -89,7 +89,7 @@ def batch_transitions(
     shape = batch.states.shape[2:]
     x = batch.states[:, :-1].reshape((-1, *shape))
     xn = batch.states[:, 1:].reshape((-1, *shape))
-    t = jnp.tile(jnp.arange(batch.horizon) * problem.system.time_step, n)
+    t = jnp.tile(jnp.arange(batch.horizon, dtype=jnp.result_type(float)) * problem.system.time_step, n)
     return x, xn, d.reshape(-1), t
 
 

@@ -85,7 +85,7 @@ class Pathwise(AbstractEstimator):
         def group_mean(theta, keys_g, mask_g):
             b = backend.simulate(problem, theta, keys_g, checkpoints=self.checkpoints)
             values = b.costs @ w.astype(b.costs.dtype) + b.terminal_weights * b.terminal_costs
-            return jnp.sum(jnp.where(mask_g, values, 0.0)) / jnp.sum(mask_g), values
+            return jnp.sum(jnp.where(mask_g, values, 0.0)) / jnp.sum(mask_g, dtype=values.dtype), values
 
         value_and_grad = jax.value_and_grad(group_mean, has_aux=True)
         (_, values), grads = jax.vmap(value_and_grad, in_axes=(None, 0, 0))(theta, keys, mask)

@@ -233,7 +233,7 @@ def fixed_step_scan(
         return u_lo + (u_hi - u_lo) * s
 
     def rk_step(y, n, aux):
-        tn = t0 + n * dt
+        tn = t0 + n.astype(dt.dtype) * dt
         ks = []
         for i in range(len(b)):
             zi = _axpy_sum(y, dt, a[i], ks)
@@ -406,7 +406,7 @@ def euler_maruyama_scan(
 
     def em_step(y, n, aux):
         x, c = y
-        tn = t0 + n * dt
+        tn = t0 + n.astype(dt.dtype) * dt
         xi = noise(n)
         x1 = x + f_b(tn, x, theta) * dt + g_b(tn, x, theta) * (sqdt * xi)
         c1 = None if L_b is None else c + L_b(x, theta).astype(dtype) * dt

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..._checks import check_positive_int
 from ._errors import SysIdError
 
 
@@ -46,8 +47,7 @@ class Prediction:
     name: str = "prediction"
 
     def __post_init__(self):
-        if not isinstance(self.k, int) or self.k < 1:
-            raise SysIdError(f"Prediction.k must be a positive integer, got {self.k!r}")
+        check_positive_int(self.k, "Prediction.k", error=SysIdError)
 
 
 @dataclasses.dataclass(frozen=True)

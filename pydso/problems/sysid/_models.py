@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..._checks import check_positive_int
 from ..._typing import PyTree
 from ...backends.jax import RK4, fixed_step_ensemble
 from ._errors import SysIdError
@@ -134,8 +135,7 @@ class ContinuousModel(StateSpaceModel):
             raise SysIdError(f"integrator must be 'rk4' or 'diffrax', got {integrator!r}")
         if integrator == "diffrax" and input != "linear":
             raise SysIdError("integrator='diffrax' feeds the input by diffrax.LinearInterpolation: use input='linear'")
-        if isinstance(substeps, bool) or not isinstance(substeps, int) or substeps < 1:
-            raise SysIdError(f"substeps must be a positive integer, got {substeps!r}")
+        check_positive_int(substeps, "substeps", error=SysIdError)
         self.input, self.substeps, self.integrator = input, substeps, integrator
         self.rtol, self.atol = rtol, atol
 
