@@ -102,7 +102,10 @@ def test_sde_ornstein_uhlenbeck_moments():
 def test_tabular_chain_visits_match_transition_matrix():
     P = jnp.array([[0.2, 0.8], [0.6, 0.4]])
     problem = pydso.Problem(
-        pydso.TabularChain(lambda th: th), lambda x, th: jnp.asarray(x, float), pydso.Episodic(0.9, 2), pydso.Categorical([1.0, 0.0])
+        pydso.TabularChain(lambda th: th),
+        lambda x, th: jnp.asarray(x, float),
+        pydso.Episodic(0.9, 2),
+        pydso.Categorical([1.0, 0.0]),
     )
     traj = pydso.rollout(problem, P, key=KEY, n=20000)
     freq = float(np.mean(np.asarray(traj.states[:, 1]) == 1))
