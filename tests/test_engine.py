@@ -236,6 +236,20 @@ def test_pathwise_two_groups_equal_per_episode_gradients():
     assert np.all(np.isfinite(np.asarray(seq.stderr))) and np.all(np.asarray(seq.stderr) > 0)
 
 
+def test_pathwise_default_groups_follow_the_backend():
+    # The default is the backend's choice: per-episode gradients (exact per-episode stderr) where episodes are
+    # simulated one by one (chains, diffrax), 32 batch-means groups on the whole-ensemble fast path.
+    chain = double_integrator(horizon=15).problem()
+    k = jnp.array([[1.0, 1.5]])
+    default = pydso.Pathwise().estimate(chain, k, key=KEY, n=40)
+    per_episode = pydso.Pathwise(groups=40).estimate(chain, k, key=KEY, n=40)
+    np.testing.assert_array_equal(np.asarray(default.stderr), np.asarray(per_episode.stderr))
+    ode = _lorenz_problem(pydso.backends.jax.RK4(), horizon=10)
+    backend = pydso.backends.JaxBackend()
+    assert backend.gradient_groups(ode, 100) == 32 and backend.gradient_groups(chain, 100) == 100
+    assert pydso.backends.JaxBackend(integrator="diffrax").gradient_groups(ode, 100) == 100
+
+
 @pytest.mark.parametrize("kind", ["ode", "sde"])
 def test_fast_path_episodes_do_not_depend_on_the_chunk_size(kind):
     # Each episode uses its own key only, so chunking cannot change what is simulated. The arithmetic agrees to

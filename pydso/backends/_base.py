@@ -54,6 +54,12 @@ class AbstractBackend(eqx.Module):
     def check(self, problem) -> None:
         """Raise :class:`~pydso.ProblemError` if this backend cannot simulate ``problem``."""
 
+    def gradient_groups(self, problem, n: int) -> int:
+        """How many groups :class:`~pydso.Pathwise` should split ``n`` episodes into by default: ``n`` (one
+        gradient per episode, exact per-episode standard errors) unless this backend simulates the problem with a
+        whole-ensemble kernel, whose gradient is cheaper for a few large groups."""
+        return n
+
 
 _REGISTRY: dict[str, "Callable[[], AbstractBackend] | str"] = {}
 

@@ -46,15 +46,17 @@ class Pathwise(AbstractEstimator):
     - `checkpoints`: ``k`` rematerialised segments of the time scan (chains and the fast path), so reverse-mode
       memory grows like ``k + H/k`` instead of ``H`` (long horizons); the gradient is unchanged.
     - `backend`: the simulation backend (name or instance, default ``"jax"``).
-    - `groups`: the number of batch-means groups (default 32; at most ``n``).
+    - `groups`: the number of batch-means groups (at most ``n``). Default: the backend's choice
+      (:meth:`~pydso.backends.AbstractBackend.gradient_groups`): 32 on the JAX fast path, one per episode otherwise.
     """
 
     checkpoints: int | None = eqx.field(static=True, default=None)
     backend: "str | AbstractBackend | None" = eqx.field(static=True, default=None)
-    groups: int = eqx.field(static=True, default=32)
+    groups: int | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        check_positive_int(self.groups, "Pathwise.groups")
+        if self.groups is not None:
+            check_positive_int(self.groups, "Pathwise.groups")
 
     def check(self, problem):
         if not problem.system.reparameterized:
@@ -67,7 +69,8 @@ class Pathwise(AbstractEstimator):
     def _estimate(self, problem, theta, keys):
         backend = get_backend(self.backend)
         n = keys.shape[0]
-        m = -(-n // min(self.groups, n))  # episodes per group
+        groups = backend.gradient_groups(problem, n) if self.groups is None else self.groups
+        m = -(-n // min(groups, n))  # episodes per group
         G = -(-n // m)  # groups (none empty)
         if m > 1 and (G * m) % 512 == 0:
             # the vmapped kernels work on G * m trajectories: avoid widths whose buffers alias in cache (a multiple of

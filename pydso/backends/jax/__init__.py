@@ -69,6 +69,12 @@ class JaxBackend(AbstractBackend):
         """Raise :class:`~pydso.ProblemError` if ``integrator="fastpath"`` was asked for and does not apply."""
         choose_integrator(problem, self.integrator)
 
+    def gradient_groups(self, problem, n: int) -> int:
+        """32 groups on the fast path (each group one struct-of-arrays kernel), else one group per episode:
+        chains and diffrax solves are vmapped per episode anyway, and there per-episode gradients are the fastest
+        (measured on the pendulum demo, 64 episodes: gradient/rollout time 6.1 with 64 groups, 9.8 with 32)."""
+        return min(n, 32) if choose_integrator(problem, self.integrator) == "fastpath" else n
+
     def simulate(self, problem, theta, keys, *, checkpoints=None) -> EpisodeBatch:
         """See :meth:`pydso.backends.AbstractBackend.simulate`; ``checkpoints`` segments the time scan of chains
         and of the fast path (rematerialised in reverse mode), the diffrax path uses the system's adjoint."""
