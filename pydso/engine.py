@@ -95,8 +95,8 @@ def shard_episodes(keys: jax.Array) -> jax.Array:
 
 @eqx.filter_jit
 def rollout_chunk(problem: Problem, theta: PyTree, keys: jax.Array, backend: "str | AbstractBackend | None" = None):
-    """Simulate one episode per key with ``backend`` (compiled once per problem, backend and shape) and wrap the
-    result as :class:`Trajectories`. Traceable: estimators call it inside their own compiled functions."""
+    """Simulate one episode per key with ``backend`` and wrap the result as :class:`Trajectories`. Not compiled by
+    itself: it is traceable, and estimators call it inside their own compiled functions."""
     return _trajectories(problem, get_backend(backend).simulate(problem, theta, keys))
 
 

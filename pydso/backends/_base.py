@@ -60,6 +60,11 @@ class AbstractBackend(eqx.Module):
         whole-ensemble kernel, whose gradient is cheaper for a few large groups."""
         return n
 
+    def group_size(self, problem, m: int, groups: int) -> int:
+        """Episodes per group for ``groups`` vmapped groups of at least ``m`` episodes each (the extra ones are
+        padding the estimator masks out). Default ``m``; a backend may widen it to avoid slow array widths."""
+        return m
+
 
 _REGISTRY: dict[str, "Callable[[], AbstractBackend] | str"] = {}
 

@@ -72,11 +72,7 @@ class Pathwise(AbstractEstimator):
         groups = backend.gradient_groups(problem, n) if self.groups is None else self.groups
         m = -(-n // min(groups, n))  # episodes per group
         G = -(-n // m)  # groups (none empty)
-        if m > 1 and (G * m) % 512 == 0:
-            # the vmapped kernels work on G * m trajectories: avoid widths whose buffers alias in cache (a multiple of
-            # 512 float64 rows: measured 2.6x slower gradients, see pydso.backends.jax's fast path) with one padded
-            # episode per group, masked out like the others
-            m += 1
+        m = backend.group_size(problem, m, G)  # the backend may pad groups to a faster width (masked out below)
         pad = G * m - n
         if pad:  # the last group is filled up with copies of real episodes, masked out of every sum
             keys = jnp.concatenate([keys, keys[:pad]])
