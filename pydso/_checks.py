@@ -8,7 +8,13 @@ import numpy as np
 from ._errors import ProblemError
 from ._typing import PyTree
 
-__all__ = ["check_key", "check_positive_int", "check_finite_tree"]
+__all__ = [
+    "check_key",
+    "check_positive_int",
+    "check_positive_number",
+    "check_nonnegative_number",
+    "check_finite_tree",
+]
 
 
 def check_positive_int(value, name: str, *, error: type[Exception] = ProblemError) -> int:
@@ -16,6 +22,29 @@ def check_positive_int(value, name: str, *, error: type[Exception] = ProblemErro
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
         raise error(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _is_real_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
+
+
+def check_positive_number(value, name: str, *, error: type[Exception] = ProblemError) -> float:
+    """Return ``value`` as a ``float`` if it is a finite number ``> 0`` (not a bool), else raise ``error`` naming
+    it. A 0-d array is accepted."""
+    if isinstance(value, np.ndarray | jax.Array) and np.ndim(value) == 0 and not isinstance(value, jax.core.Tracer):
+        value = np.asarray(value).item()
+    if not (_is_real_number(value) and np.isfinite(value) and value > 0):
+        raise error(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative_number(value, name: str, *, error: type[Exception] = ProblemError) -> float:
+    """Return ``value`` as a ``float`` if it is a finite number ``>= 0`` (not a bool), else raise ``error``."""
+    if isinstance(value, np.ndarray | jax.Array) and np.ndim(value) == 0 and not isinstance(value, jax.core.Tracer):
+        value = np.asarray(value).item()
+    if not (_is_real_number(value) and np.isfinite(value) and value >= 0):
+        raise error(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)
 
 
 def check_key(key, name: str = "key") -> jax.Array:

@@ -9,14 +9,23 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import re
+import secrets
 import sys
-import tempfile
 from collections.abc import Iterator
 from typing import IO
 
 from ._errors import ProblemError
 
-__all__ = ["fsync_path", "atomic_write", "load_object"]
+__all__ = [
+    "fsync_path",
+    "atomic_write",
+    "load_object",
+    "pid_is_running",
+    "remove_stale_temporaries",
+    "check_writable_file",
+    "check_writable_dir",
+]
 
 
 def fsync_path(path: "str | os.PathLike", directory: bool = False) -> None:
@@ -33,10 +42,104 @@ def fsync_path(path: "str | os.PathLike", directory: bool = False) -> None:
         os.close(fd)
 
 
+def pid_is_running(pid: int) -> bool:
+    """Whether a process with id ``pid`` exists on this machine (``os.kill(pid, 0)``; a process of another user
+    counts as running). Used to decide whether a temporary file named after its creator's pid is stale."""
+    if pid <= 0:
+        return True  # never treat a malformed pid as dead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _temporary_pattern(base: str, suffix: str) -> "re.Pattern[str]":
+    return re.compile(rf"^\.{re.escape(base)}\.pid(\d+)\.[A-Za-z0-9_]{{8}}{re.escape(suffix)}$")
+
+
+def remove_stale_temporaries(path: "str | os.PathLike", *, suffix: str = ".tmp") -> list[str]:
+    """Remove the temporary files that :func:`atomic_write` created for ``path`` (``.NAME.pid<PID>.XXXXXXXX<suffix>``
+    beside it) in processes that are no longer running, e.g. a run killed mid-write. Nothing else is touched: only
+    regular files with exactly that name pattern, for this target and suffix, whose creating pid is gone.
+
+    **Returns:** the paths removed.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    pattern = _temporary_pattern(os.path.basename(path), suffix)
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if m is None or pid_is_running(int(m.group(1))):
+            continue
+        full = os.path.join(directory, name)
+        if os.path.isfile(full) and not os.path.islink(full):
+            with contextlib.suppress(OSError):
+                os.remove(full)
+                removed.append(full)
+    return removed
+
+
+def check_writable_file(path: "str | os.PathLike", what: str, *, error: type[Exception] = ProblemError) -> str:
+    """Check, before any work is done, that the file ``path`` can be written: its directory exists or can be
+    created (no file in the way), is writable, and ``path`` itself is not a directory. Raises ``error`` naming
+    ``what`` (e.g. ``"checkpoint"``, ``"--out"``) and the reason. Returns ``os.fspath(path)``."""
+    if not isinstance(path, str | os.PathLike):
+        raise error(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise error(f"{what}: {path!r} is a directory; give a file path")
+    directory = os.path.dirname(os.path.abspath(path))
+    probe = directory
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise error(f"{what}: cannot write {path!r}: {probe!r} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise error(f"{what}: cannot write {path!r}: no permission to write in the directory {probe!r}")
+    if os.path.exists(path) and not os.access(path, os.W_OK) and not os.access(directory, os.W_OK):
+        raise error(f"{what}: cannot write {path!r}: permission denied")
+    return path
+
+
+def check_writable_dir(path: "str | os.PathLike", what: str, *, error: type[Exception] = ProblemError) -> str:
+    """Check, before any work is done, that the directory ``path`` (e.g. a trajectory store) can be created or
+    written: no file is at ``path`` or in the way above it, and the directory that will hold it is writable.
+    Raises ``error`` naming ``what`` (e.g. ``"record"``) and the reason. Returns ``os.fspath(path)``."""
+    if not isinstance(path, str | os.PathLike):
+        raise error(f"{what} must be a path (str or os.PathLike), got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise error(f"{what}: {path!r} is a file, not a directory (a store); choose another path")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise error(f"{what}: cannot write in {path!r}: permission denied")
+        return path
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise error(f"{what}: cannot create {path!r}: {probe!r} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise error(f"{what}: cannot create {path!r}: no permission to write in the directory {probe!r}")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: "str | os.PathLike", mode: str = "wb", *, suffix: str = ".tmp") -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; on a clean exit it is synced and renamed over ``path``,
     on an exception it is removed and ``path`` is left untouched.
+
+    The temporary file is named ``.NAME.pid<PID>.XXXXXXXX<suffix>`` after the writing process, so that one left by a
+    killed process can be recognised: each call first removes such files of *dead* processes for the same target
+    (:func:`remove_stale_temporaries`), never anything else.
 
     **Arguments:**
 
@@ -47,7 +150,9 @@ def atomic_write(path: "str | os.PathLike", mode: str = "wb", *, suffix: str = "
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    remove_stale_temporaries(path, suffix=suffix)
+    base = os.path.basename(path)
+    fd, tmp = _mkstemp(directory, f".{base}.pid{os.getpid()}.", suffix)
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -58,6 +163,19 @@ def atomic_write(path: "str | os.PathLike", mode: str = "wb", *, suffix: str = "
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _mkstemp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
+    """``tempfile.mkstemp`` with exactly 8 random name characters (the pattern of :func:`remove_stale_temporaries`)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789_"
+    for _ in range(100):
+        name = prefix + "".join(secrets.choice(alphabet) for _ in range(8)) + suffix
+        full = os.path.join(directory, name)
+        try:
+            return os.open(full, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), full
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {directory!r}")  # pragma: no cover
 
 
 def load_object(spec: str, *, what: str = "factory", error: type[Exception] = ProblemError) -> object:

@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:
+        print(f"pydso {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the checks could not foresee (disk full, permissions changed mid-run, ...)
         print(f"pydso {args.command}: error: {e}", file=sys.stderr)
         return 2
 

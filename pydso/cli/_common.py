@@ -2,8 +2,9 @@
 
 import os
 
+from .._checks import check_positive_int
 from .._errors import ProblemError
-from .._io import atomic_write, load_object
+from .._io import atomic_write, check_writable_file, load_object
 
 
 def load_factory(spec: str, what: str = "--problem"):
@@ -12,7 +13,12 @@ def load_factory(spec: str, what: str = "--problem"):
     factory = load_object(spec, what=what)
     if not callable(factory):
         raise ProblemError(f"{what}: {spec!r} is not callable")
-    out = factory()
+    try:
+        out = factory()
+    except ProblemError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: say which one, with its error
+        raise ProblemError(f"{what}: calling {spec}() failed: {type(e).__name__}: {e}") from e
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ProblemError(f"{what}: {spec}() must return (problem, theta_template), got {type(out).__name__}")
     return out
@@ -25,6 +31,8 @@ def load_theta(path: str, template):
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"--theta: no such file {path!r}")
+    if os.path.isdir(path):
+        raise ProblemError(f"--theta: {path!r} is a directory; give the .npz file of the parameters")
     try:
         with np.load(path) as f:
             arrays = {k: f[k] for k in f.files}
@@ -48,6 +56,20 @@ def load_theta(path: str, template):
                 f"{np.shape(ref)}"
             )
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in leaves])
+
+
+def check_count(value, name: str, *, allow_none: bool = False) -> None:
+    """Raise :class:`~pydso.ProblemError` naming the option ``name`` unless ``value`` is a positive integer (or
+    ``None`` where allowed)."""
+    if value is None and allow_none:
+        return
+    check_positive_int(value, name)
+
+
+def check_output_file(path: str, name: str = "--out") -> str:
+    """Check that the output file ``path`` can be written (before any work is done); see
+    :func:`pydso._io.check_writable_file`."""
+    return check_writable_file(path, name)
 
 
 def save_theta(path: str, theta) -> None:

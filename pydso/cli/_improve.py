@@ -16,7 +16,14 @@ store into memory).
 import argparse
 import os
 
-from ._common import load_factory, load_theta, save_theta
+from .._checks import check_positive_number
+from ._common import (
+    check_count,
+    check_output_file,
+    load_factory,
+    load_theta,
+    save_theta,
+)
 
 METHODS = ("proximal", "natural", "api")
 
@@ -100,11 +107,19 @@ def run(args) -> int:
     from ..estimators import ess_report, offpolicy_objective
     from ..optimize import minimize
 
-    problem, template = load_factory(args.problem)
-    theta = load_theta(args.theta, template)
+    check_count(args.iterations, "--iterations")
+    check_count(args.minibatch, "--minibatch", allow_none=True)
+    check_count(args.episodes_per_chunk, "--episodes-per-chunk", allow_none=True)
+    check_positive_number(args.learning_rate, "--learning-rate")
+    check_output_file(args.out, "--out")  # before the work: an unwritable --out must not waste a run
     if not os.path.exists(args.data):
         raise FileNotFoundError(f"--data: no such store {args.data!r}")
-    ds = pdata.open(args.data)
+    problem, template = load_factory(args.problem)
+    theta = load_theta(args.theta, template)
+    try:
+        ds = pdata.open(args.data)
+    except pdata.DatasetError as e:
+        raise pdata.DatasetError(f"--data: {e}") from None
     if "behavior_logp" not in ds.data_vars:
         raise pdata.DatasetError(
             f"--data: {args.data!r} has no 'behavior_logp' variable; off-policy improvement needs the behaviour "

@@ -24,6 +24,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "effective sample size of the stored transitions reweighted to theta (needs behavior_logp)",
     )
     parser.add_argument("--theta", metavar="FILE", help="target parameters: .npz of the template's leaves")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every stored file against the checksum in the manifest (reads the whole store once); without "
+        "it only the presence and size of every file are checked",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -36,10 +42,10 @@ def _short(value: Any, width: int = 100) -> str:
 def run(args: argparse.Namespace) -> int:
     from .. import data
 
-    ds = data.open(args.store)
+    ds = data.open(args.store, verify=args.verify)
     n, n_time = ds.sizes["episode"], ds.sizes["time"]
     time = np.asarray(ds["time"].values)
-    print(f"store: {args.store}")
+    print(f"store: {args.store}" + ("  (every file matches its checksum)" if args.verify else ""))
     print(f"episodes: {n}")
     print(f"time: {n_time} steps, from {time[0]} to {time[-1]} ({time.dtype})")
     print("variables:")

@@ -20,7 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "sysid",
         help="system identification: fit a model to many stored datasets",
         description=(
-            "Fit a system-identification model to every experiment of the given datasets (pydso zarr stores), "
+            "Fit a system-identification model to every experiment of the given datasets (pydso zarr stores, or "
+            "CSV/NPZ/MAT records with --columns and --dt), "
             "one Levenberg-Marquardt fit per experiment on Dask (or, with --joint, one fit of all experiments with "
             "--shared parameters common to them), and write estimates, standard errors, 95% "
             "confidence intervals and fit metrics to a zarr store. Failing experiments are recorded with their "
@@ -93,6 +94,51 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="comma-separated parameter names shared by all experiments in a --joint fit (e.g. k1,k3)",
     )
     p.add_argument("--max-steps", type=int, default=500, help="maximum Levenberg-Marquardt iterations per fit")
+    p.add_argument("--rtol", type=float, default=1e-10, help="relative tolerance of the solver's termination test")
+    p.add_argument("--atol", type=float, default=1e-10, help="absolute tolerance of the solver's termination test")
+    p.add_argument(
+        "--columns",
+        nargs="+",
+        default=None,
+        metavar="ROLE=NAMES",
+        help="for CSV/NPZ/MAT data: which columns (CSV) or variables (NPZ/MAT) hold the input and output, e.g. "
+        "--columns input=V1 output=V2 (several names comma-separated)",
+    )
+    p.add_argument("--dt", type=float, default=None, help="for CSV/NPZ/MAT data: the sampling interval in seconds")
+    p.add_argument("--skip-rows", type=int, default=0, help="for CSV data: lines to skip before the header")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="starting guess of a parameter (repeatable; overrides the model's guess)",
+    )
+    p.add_argument("--x0", default=None, metavar="V1,V2,...", help="starting guess of the initial state")
+    p.add_argument(
+        "--fix",
+        action="append",
+        default=[],
+        metavar="NAME[=VALUE]",
+        help="hold a parameter (or x0, x0[i]) fixed, at VALUE or at its guess (repeatable)",
+    )
+    p.add_argument("--starts", type=int, default=1, help="multi-start: number of starting points (one vmapped solve)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the multi-start starting points")
+    p.add_argument("--spread", type=float, default=0.5, help="multi-start: spread of the random starting points")
+    p.add_argument(
+        "--covariance",
+        choices=["auto", "white", "ar"],
+        default="auto",
+        help="interval covariance: white residuals, AR residuals (sandwich), or auto (AR when the whiteness test "
+        "fails)",
+    )
+    p.add_argument(
+        "--validate",
+        default=None,
+        metavar="PATH",
+        help="validation dataset (store or CSV/NPZ/MAT read like --data): each fit is scored on it with its "
+        "initial state estimated from the first --n-init samples; prints RMSE and fit %%",
+    )
+    p.add_argument("--n-init", type=int, default=None, help="samples used to estimate the validation initial state")
     p.add_argument("--no-resume", action="store_true", help="re-run all experiments even if --out has them")
     p.add_argument("--retry-failed", action="store_true", help="when resuming, re-run experiments that failed")
     p.add_argument(
@@ -115,6 +161,59 @@ def _loss(args):
     return args.loss
 
 
+def _kv(items, what, parse=float):
+    from pydso.problems.sysid import SysIdError
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not name.strip() or (parse is float and not sep):
+            raise SysIdError(f"{what} {item!r}: expected NAME=VALUE")
+        try:
+            out[name.strip()] = parse(value) if sep else None
+        except ValueError:
+            raise SysIdError(f"{what} {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _read_options(args):
+    from pydso.problems.sysid import SysIdError
+
+    if args.columns is None and args.dt is None:
+        return None
+    if args.columns is None or args.dt is None:
+        raise SysIdError("reading CSV/NPZ/MAT data needs both --columns (e.g. input=V1 output=V2) and --dt")
+    cols = {}
+    for item in args.columns:
+        role, sep, names = item.partition("=")
+        if not sep or not names:
+            raise SysIdError(f"--columns {item!r}: expected ROLE=NAME[,NAME...] with ROLE input, output or state")
+        cols[role.strip()] = [n.strip() for n in names.split(",") if n.strip()]
+    opts = {"columns": cols, "dt": args.dt}
+    if args.skip_rows:
+        opts["skip_rows"] = args.skip_rows
+    return opts
+
+
+def _fit_options(args) -> dict:
+    opts = {"max_steps": args.max_steps, "rtol": args.rtol, "atol": args.atol, "covariance": args.covariance}
+    params = _kv(args.param, "--param")
+    if params:
+        opts["params"] = params
+    if args.x0 is not None:
+        opts["x0"] = [float(v) for v in args.x0.split(",")]
+    fixed = _kv(args.fix, "--fix", parse=lambda v: float(v))
+    if fixed:
+        opts["fixed"] = fixed  # None: held at its (possibly --param) guess
+    if args.starts > 1:
+        opts.update(n_starts=args.starts, seed=args.seed, spread=args.spread)
+    if args.validate is not None:
+        opts["validation"] = args.validate
+        if args.n_init is not None:
+            opts["validation_n_init"] = args.n_init
+    return opts
+
+
 def summary_table(res, max_rows: int = 20) -> str:
     """A plain-text summary of a results dataset from :func:`pydso.problems.sysid.fit_many`."""
     names = [str(n) for n in res["parameter"].values]
@@ -122,17 +221,40 @@ def summary_table(res, max_rows: int = 20) -> str:
     lines = []
     w = max([10] + [len(str(e)) for e in res["experiment"].values[:max_rows]])
     w = min(w, 48)
-    head = f"{'experiment':<{w}} {'status':<13}" + "".join(f" {n:>12}" for n in names) + f" {'NRMSE':>9}"
+    has_val = "val_rmse" in res
+    head = (
+        f"{'experiment':<{w}} {'status':<13}"
+        + "".join(f" {n:>12}" for n in names)
+        + f" {'RMSE':>10} {'NRMSE':>9} {'fit%':>7}"
+        + (f" {'val RMSE':>10} {'val fit%':>8}" if has_val else "")
+    )
     lines.append(head)
     lines.append("-" * len(head))
+
+    def cell(var, i, width, fmt):
+        v = res[var].values[i] if var in res else np.array([])
+        return f" {np.nanmean(v):{width}{fmt}}" if v.size and np.isfinite(v).any() else f" {'-':>{width}}"
+
     for i, eid in enumerate(res["experiment"].values[:max_rows]):
         est = res["estimate"].values[i]
-        nr = res["nrmse"].values[i]
-        nr_s = f"{np.nanmean(nr):9.4f}" if nr.size and np.isfinite(nr).any() else f"{'-':>9}"
-        lines.append(f"{str(eid)[-w:]:<{w}} {status[i]:<13}" + "".join(f" {v:12.6g}" for v in est) + f" {nr_s}")
+        cells = cell("rmse", i, 10, ".4g") + cell("nrmse", i, 9, ".4f") + cell("fit_percent", i, 7, ".2f")
+        if has_val:
+            cells += cell("val_rmse", i, 10, ".4g") + cell("val_fit_percent", i, 8, ".2f")
+        lines.append(f"{str(eid)[-w:]:<{w}} {status[i]:<13}" + "".join(f" {v:12.6g}" for v in est) + cells)
     if len(status) > max_rows:
         lines.append(f"... {len(status) - max_rows} more experiment(s)")
     ok = np.array([s == "ok" for s in status])
+    if names and len(status) <= 5 and not res.attrs.get("joint"):
+        for i, eid in enumerate(res["experiment"].values):
+            if np.isnan(res["estimate"].values[i]).all():
+                continue
+            lines.append("")
+            lines.append(f"{str(eid)}: 95% intervals")
+            lines.append(f"  {'parameter':<14} {'estimate':>12} {'stderr':>11} {'95% CI':>27}")
+            for j, n in enumerate(names):
+                e, se = res["estimate"].values[i, j], res["stderr"].values[i, j]
+                lo, hi = res["ci_low"].values[i, j], res["ci_high"].values[i, j]
+                lines.append(f"  {n:<14} {e:12.6g} {se:11.3g}   [{lo:11.5g}, {hi:11.5g}]")
     if ok.any() and names:
         est = res["estimate"].values[ok]
         se = res["stderr"].values[ok]
@@ -157,9 +279,17 @@ def summary_table(res, max_rows: int = 20) -> str:
     counts = {s: status.count(s) for s in sorted(set(status))}
     lines.append("")
     lines.append("experiments: " + ", ".join(f"{k}={v}" for k, v in counts.items()) + f" (total {len(status)})")
+    stale = set(res.attrs.get("stale_failed", []) or [])
     for i, s in enumerate(status):
         if s == "failed":
-            lines.append(f"  failed {res['experiment'].values[i]}: {str(res['error'].values[i])[:200]}")
+            eid = str(res["experiment"].values[i])
+            note = " [recorded in an earlier run, not re-run: use --retry-failed]" if eid in stale else ""
+            lines.append(f"  failed {eid}{note}: {str(res['error'].values[i])[:200]}")
+    if stale:
+        lines.append(
+            f"{len(stale)} failure(s) above are stale records from an earlier run on this --out; re-run them with "
+            "--retry-failed (e.g. after fixing --model), or everything with --no-resume"
+        )
     return "\n".join(lines)
 
 
@@ -182,10 +312,11 @@ def run(args) -> int:
         resume=not args.no_resume,
         retry_failed=args.retry_failed,
         by=None if args.by == "auto" else args.by,
-        fit_options={"max_steps": args.max_steps},
+        fit_options=_fit_options(args),
         progress=progress,
         joint=args.joint,
         shared=shared,
+        read_options=_read_options(args),
     )
     print(summary_table(res))
     print(f"results written to {args.out}")

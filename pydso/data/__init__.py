@@ -48,6 +48,9 @@ A store is a directory with a manifest ``pydso.json`` and one zarr store per :fu
 ("part"), chunked by episode. :func:`append` writes a new part under a temporary name, renames it, then
 atomically replaces the manifest, so a writer killed at any moment leaves the old or the old + new episodes
 (see :mod:`pydso.data._store`). :func:`open` returns a lazy dask-backed dataset; :func:`iter_chunks` streams it.
+Creating a store is atomic and exclusive (two processes appending to the same new store both keep their episodes).
+The manifest records the size and BLAKE2b hash of every stored file: :func:`open` refuses a store with a missing or
+truncated chunk, and ``validate(path)`` also checks the hashes, naming the store, part, variable and chunk.
 """
 
 from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
@@ -76,11 +79,9 @@ __all__ = [
     "iter_chunks",
 ]
 
-try:
-    from ._readers import from_csv as from_csv
-    from ._readers import from_mat as from_mat
-    from ._readers import from_npz as from_npz
-except ImportError:  # pragma: no cover - the readers module is optional
-    pass
-else:
-    __all__ += ["from_csv", "from_npz", "from_mat"]
+from ._readers import ReaderError as ReaderError
+from ._readers import from_csv as from_csv
+from ._readers import from_mat as from_mat
+from ._readers import from_npz as from_npz
+
+__all__ += ["ReaderError", "from_csv", "from_npz", "from_mat"]

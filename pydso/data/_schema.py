@@ -5,6 +5,7 @@ See the docstring of :mod:`pydso.data` for the conventions. This module imports 
 
 import json
 import math
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -229,15 +230,25 @@ def _value_chunks(ds: xr.Dataset) -> Iterator[tuple[int, xr.Dataset]]:
     else:
         k = max(1, _VALUE_CHUNK_BYTES // max(per_episode, 1))
     for start in range(0, n, k):
-        yield start, sub.isel(episode=slice(start, start + k)).compute()
+        try:
+            chunk = sub.isel(episode=slice(start, start + k)).compute()
+        except Exception as e:  # noqa: BLE001 - an unreadable stored chunk: a pydso error, not a codec traceback
+            raise DatasetError(
+                f"could not read episodes {start}..{min(start + k, n) - 1} ({type(e).__name__}: {str(e)[:200]}); "
+                "a stored chunk is damaged: pydso.data.validate(path) names it"
+            ) from None
+        yield start, chunk
 
 
-def validate(ds: xr.Dataset, *, check_values: bool = True) -> xr.Dataset:
+def validate(ds: "xr.Dataset | str | os.PathLike", *, check_values: bool = True) -> xr.Dataset:
     """Check that ``ds`` follows the pydso trajectory schema and return it unchanged.
 
     **Arguments:**
 
-    - `ds`: the dataset.
+    - `ds`: the dataset, or the path of a store: then every stored file is first checked against the size and
+        BLAKE2b hash recorded in the store's manifest (``pydso.data.open(path, verify=True)``), so a missing,
+        truncated or damaged chunk is named (store, part, variable, chunk) instead of reading as NaN, and the
+        opened dataset is validated and returned.
     - `check_values`: also check the values (finite states where recorded, finite step quantities on recorded
         steps, the form of ``mask``). For a lazily opened (dask) dataset this reads it once, a bounded number
         of episodes at a time. With ``False`` only dimensions, dtypes, the ``time`` coordinate and the
@@ -251,6 +262,10 @@ def validate(ds: xr.Dataset, *, check_values: bool = True) -> xr.Dataset:
 
     :class:`DatasetError` naming the variable, coordinate or attribute and the problem.
     """
+    if isinstance(ds, str | os.PathLike):
+        from ._store import open as open_store
+
+        ds = open_store(ds, verify=True)
     _check_structure(ds)
     if check_values:
         for offset, chunk in _value_chunks(ds):
@@ -277,6 +292,11 @@ def _to_json(value: Any) -> Any:
         leaves, treedef = jax.tree_util.tree_flatten(value)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise DatasetError(f"parameters: cannot convert {type(value).__name__} to JSON ({e})") from None
+    if len(leaves) == 1 and leaves[0] is value:  # an opaque object: not a pytree of numbers
+        raise DatasetError(
+            f"parameters: cannot store a {type(value).__name__} as JSON; pass a pytree of arrays/numbers (dict, "
+            "list, equinox module), a JSON string, or None"
+        )
     return {"leaves": [_to_json(leaf) for leaf in leaves], "treedef": str(treedef)}
 
 
@@ -342,6 +362,10 @@ def make_dataset(
 
     :class:`DatasetError` if the arrays do not fit the schema.
     """
+    if dt is not None and (
+        isinstance(dt, bool) or not isinstance(dt, int | float | np.number) or not (math.isfinite(dt) and dt > 0)
+    ):
+        raise DatasetError(f"dt must be a positive finite number (the sampling interval in seconds), got {dt!r}")
     state = _array(state, "state", 3)
     n, n_time, _ = state.shape
     data = {"state": (VARIABLE_DIMS["state"], state)}

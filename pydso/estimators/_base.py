@@ -1,17 +1,26 @@
 """Monte-Carlo estimates and the estimator interface."""
 
 import abc
+import warnings
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._checks import check_key, check_positive_int
+from .._errors import DivergenceError
 from .._typing import PyTree
 from ..engine import episode_keys, shard_episodes
 from ..systems import Problem
 
-__all__ = ["Estimate", "AbstractEstimator", "mean_and_stderr"]
+__all__ = [
+    "Estimate",
+    "AbstractEstimator",
+    "mean_and_stderr",
+    "check_finite_estimate",
+    "warn_single_episode",
+]
 
 
 class Estimate(eqx.Module):
@@ -50,12 +59,60 @@ class AbstractEstimator(eqx.Module):
         """Raise :class:`~pydso.ProblemError` if this estimator cannot be used on ``problem``."""
 
     def estimate(self, problem: Problem, theta: PyTree, *, key: jax.Array, n: int) -> Estimate:
-        """Estimate :math:`\\nabla J(\\theta)` from ``n`` fresh episodes (compiled once per problem and n)."""
+        """Estimate :math:`\\nabla J(\\theta)` from ``n`` fresh episodes (compiled once per problem and n).
+
+        With ``n=1`` the standard errors are undefined: they are returned as NaN and a :class:`UserWarning` says
+        so (use ``n >= 2`` for error bars). A rollout that diverges (non-finite state) or a non-finite objective or
+        gradient raises :class:`~pydso.DivergenceError` naming the episode and step, as :func:`pydso.rollout`
+        does, instead of returning NaN or inf.
+        """
         key = check_key(key)
         n = check_positive_int(n, "n")
         self.check(problem)
         problem.check_theta(theta)
-        return jit_estimate(self, problem, theta, shard_episodes(episode_keys(key, n)))
+        warn_single_episode(n, f"{type(self).__name__}.estimate")
+        est = jit_estimate(self, problem, theta, shard_episodes(episode_keys(key, n)))
+        check_finite_estimate(est, problem, theta, key=key, n=n, what=f"the {type(self).__name__} estimate")
+        return est
+
+
+def warn_single_episode(n: int, what: str) -> None:
+    """Warn that standard errors from ``n == 1`` episode are undefined (NaN)."""
+    if n == 1:
+        warnings.warn(
+            f"{what} with n=1: a standard error needs at least two episodes, so the reported standard errors are NaN; "
+            "pass n >= 2 for error bars",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_finite_estimate(est: "Estimate", problem: Problem, theta: PyTree, *, key: jax.Array, n: int, what: str):
+    """Raise :class:`~pydso.DivergenceError` if the gradient or objective of ``est`` is non-finite, naming the
+    episode and step where the simulation of the same ``n`` episodes (same ``key``) diverged, or where a step cost
+    overflowed."""
+    leaves = [est.objective, *jax.tree.leaves(est.gradient)]
+    if all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
+        return
+    from ..engine import rollout
+
+    traj = rollout(problem, theta, key=key, n=n)  # raises the engine's DivergenceError for a non-finite state
+    costs = np.asarray(traj.costs, dtype=float)
+    bad = ~np.isfinite(costs)
+    if bad.any():
+        ep, t = (int(i) for i in np.argwhere(bad)[0])
+        affected = int(bad.any(axis=1).sum())
+        where = f"the step cost is non-finite in episode {ep} at step {t} ({affected} of {n} episodes)"
+    else:
+        tc = np.asarray(traj.terminal_costs, dtype=float)
+        if (~np.isfinite(tc)).any():
+            where = f"the terminal cost is non-finite in episode {int(np.argmax(~np.isfinite(tc)))}"
+        else:
+            where = "the simulated states and costs are finite, so the gradient itself overflowed"
+    raise DivergenceError(
+        f"{what} diverged: its objective or gradient is non-finite; {where}. Reduce dt or the horizon, lower gamma, "
+        "or check theta and the cost."
+    )
 
 
 @eqx.filter_jit

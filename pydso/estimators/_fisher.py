@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from .._checks import check_nonnegative_number, check_positive_int
 from .._errors import ProblemError
 from .._typing import PyTree
 from ..systems import Problem
@@ -165,6 +166,9 @@ def natural_gradient_direction(
     **Returns:** ``(direction, gradient_estimate, cg_info)``; ``cg_info`` also holds ``"quadratic"``
     :math:`d^\top \hat F d` (for a KL-based step length).
     """
+    check_nonnegative_number(damping, "damping")
+    check_positive_int(cg_iters, "cg_iters")
+    problem.check_theta(theta)
     batch = as_batch(data, problem)
     est = offpolicy_gradient(problem, theta, batch, baseline=check_baseline(baseline), weight_clip=weight_clip)
     g = est.gradient if gradient is None else gradient

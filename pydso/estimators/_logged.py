@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._checks import check_positive_int
 from .._errors import ProblemError
 from .._typing import PyTree
 from ..engine import Trajectories, episode_keys, rollout_chunk
@@ -128,6 +129,14 @@ def _from_dataset(ds, problem: Problem) -> LoggedBatch:
     n, n_time = state.shape[:2]
     if n_time < 2:
         raise ProblemError("the dataset needs at least two time indices (one transition) per episode")
+    size = int(np.prod(spec.shape, dtype=np.int64))
+    if state.ndim != 3 or state.shape[2] != size:
+        raise ProblemError(
+            f"the dataset's 'state' has {state.shape[2] if state.ndim == 3 else '?'} features per time step "
+            f"(state_dim), but the problem's initial distribution draws states of shape {tuple(spec.shape)} "
+            f"({size} features): the data were logged from another system, or the problem's initial distribution "
+            "has the wrong dimension"
+        )
     state = state.reshape((n, n_time, *spec.shape)) if spec.shape else state[..., 0]
     mask = np.asarray(ds["mask"].values, bool) if "mask" in ds.data_vars else np.ones((n, n_time), bool)
     valid = mask[:, :-1] & mask[:, 1:]
@@ -197,7 +206,11 @@ def iter_batches(data, problem: Problem, episodes_per_chunk: int | None = None) 
 
         if "behavior_logp" not in data.data_vars:
             _from_dataset(data, problem)  # raises the explanatory error
-        for chunk in iter_chunks(data, episodes_per_chunk or DEFAULT_EPISODES_PER_CHUNK):
+        if episodes_per_chunk is not None:
+            check_positive_int(episodes_per_chunk, "episodes_per_chunk")
+        for chunk in iter_chunks(
+            data, DEFAULT_EPISODES_PER_CHUNK if episodes_per_chunk is None else episodes_per_chunk
+        ):
             yield _from_dataset(chunk, problem)
     else:
         yield as_batch(data, problem)
@@ -228,7 +241,10 @@ def empty_batch(problem: Problem, theta: PyTree) -> LoggedBatch:
 def step_costs(problem: Problem, theta: PyTree, batch: LoggedBatch) -> jax.Array:
     r""":math:`L(x_t, \theta)` as it enters the objective (:meth:`pydso.Problem.step_cost`) on the recorded steps,
     0 elsewhere; shape ``(n, H)``. Differentiable in ``theta``."""
-    c = jax.vmap(jax.vmap(problem.step_cost, in_axes=(0, None)), in_axes=(0, None))(batch.states[:, :-1], theta)
+    ts = jnp.arange(batch.states.shape[1] - 1, dtype=jnp.result_type(float)) * problem.system.time_step
+    c = jax.vmap(jax.vmap(problem.step_cost, in_axes=(0, 0, None)), in_axes=(None, 0, None))(
+        ts, batch.states[:, :-1], theta
+    )
     return jnp.where(batch.valid, c, 0.0)
 
 
@@ -237,7 +253,8 @@ def terminal_costs(problem: Problem, theta: PyTree, batch: LoggedBatch) -> jax.A
     if problem.terminal_cost is None:
         return jnp.zeros(batch.n_episodes)
     x_end = jax.vmap(lambda s, e: s[e])(batch.states, batch.end_index)
-    return batch.terminal_weights * jax.vmap(problem.terminal_cost, in_axes=(0, None))(x_end, theta)
+    t_end = batch.end_index.astype(jnp.result_type(float)) * problem.system.time_step
+    return batch.terminal_weights * jax.vmap(problem.final_cost, in_axes=(0, 0, None))(t_end, x_end, theta)
 
 
 def transition_log_probs(problem: Problem, theta: PyTree, batch: LoggedBatch) -> jax.Array:

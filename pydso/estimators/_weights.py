@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._errors import ProblemError
 from .._typing import PyTree
 from ..systems import Problem
 from ._logged import LoggedBatch, iter_batches, step_costs, terminal_costs, transition_log_probs
@@ -132,10 +133,19 @@ class StreamingMoments(eqx.Module):
         )
 
     def mean_stderr(self) -> tuple[PyTree, PyTree]:
-        """``(mean, stderr)`` pytrees like one sample."""
+        """``(mean, stderr)`` pytrees like one sample. With a single sample the standard error is undefined: it is
+        NaN (not 0, which would claim certainty) and a :class:`UserWarning` says so."""
         n = self.n
         mean = jax.tree.map(lambda s: s / n, self.s1)
-        var = jax.tree.map(lambda s1, s2: jnp.maximum(s2 - s1**2 / n, 0.0) / max(n - 1, 1), self.s1, self.s2)
+        if n < 2:
+            warnings.warn(
+                "a standard error from a single episode is undefined: it is reported as NaN; use at least two "
+                "episodes for error bars",
+                UserWarning,
+                stacklevel=3,
+            )
+            return mean, jax.tree.map(lambda s: jnp.full_like(s, jnp.nan), self.s1)
+        var = jax.tree.map(lambda s1, s2: jnp.maximum(s2 - s1**2 / n, 0.0) / (n - 1), self.s1, self.s2)
         return mean, jax.tree.map(lambda v: jnp.sqrt(v / n), var)
 
 
@@ -168,6 +178,11 @@ def ess_report(
     ``per_decision`` (``(H+1,)`` ESS of :math:`W_t` per time step), ``min_fraction`` (smallest per-decision ESS
     over ``n``).
     """
+    problem.check_theta(theta)  # a NaN theta would make every weight NaN and the ESS silently 0
+    if weight_clip is not None and (
+        isinstance(weight_clip, bool) or not isinstance(weight_clip, int | float | np.number) or not weight_clip > 0
+    ):
+        raise ProblemError(f"weight_clip must be a positive number or None, got {weight_clip!r}")
     tot = None
     n = 0
     for batch in iter_batches(data, problem, episodes_per_chunk):

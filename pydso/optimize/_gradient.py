@@ -1,5 +1,7 @@
 r"""First-order steps on Monte-Carlo gradient estimates: the :class:`Gradient` method of :func:`pydso.minimize`."""
 
+import warnings
+
 import equinox as eqx
 import jax
 import optax
@@ -43,7 +45,7 @@ class Gradient(AbstractMethod):
       ``optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))``).
     - ``estimator``: :class:`~pydso.Pathwise` (default) or :class:`~pydso.Score` with a baseline (the names
       ``"pathwise"`` and ``"score"`` are accepted too).
-    - ``n``: episodes per gradient estimate.
+    - ``n``: episodes per gradient estimate (``n=1`` warns: a single episode has no standard error, NaN).
 
     The workhorse for neural policies with reparameterised dynamics. When not to use it: on least-squares fits
     (system identification: :class:`~pydso.LevenbergMarquardt` converges in far fewer steps), and for badly
@@ -65,6 +67,13 @@ class Gradient(AbstractMethod):
         self.optimizer = optimizer
         self.estimator = as_estimator(estimator)
         self.n = check_positive_int(n, "n")
+        if self.n == 1:
+            warnings.warn(
+                "Gradient(n=1): one episode per step gives no standard error (objective_stderr is NaN in the "
+                "history); pass n >= 2 for error bars",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def check(self, problem, theta: PyTree) -> None:
         self.estimator.check(problem)

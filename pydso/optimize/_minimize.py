@@ -10,11 +10,16 @@ that is not the step itself is shared by all methods:
 * **checkpoint and resume** (:mod:`pydso.optimize._checkpoint`): with ``checkpoint=path`` the parameters, the
   method's state (leaf by leaf), the best parameters, the history and the step counter are written atomically every
   ``checkpoint_every`` steps, at the end and on interruption; calling ``minimize`` again with the same arguments
-  resumes and ends bit-identical to an uninterrupted run. A checkpoint of another run (other key, method settings
-  — :meth:`~pydso.optimize.AbstractMethod.describe` —, problem name or pytree structure) is refused;
-* **progress bar** (on a terminal by default), **divergence guard** (a non-finite objective, gradient or parameter
-  stops the run with :class:`~pydso.DivergenceError` carrying the best parameters), **callback** with a
-  :class:`StepInfo` after every step (returning ``True`` stops), and one result type, :class:`OptimizeResult`.
+  resumes and ends bit-identical to an uninterrupted run. A checkpoint of another run (other key, pytree structure,
+  problem — system, cost, terminal cost, setting, initial distribution — or method settings such as the learning
+  rate or ``n``: :func:`~pydso.optimize.run_fingerprint`) is refused, naming what changed. The checkpoint path is
+  checked for writability before the first step;
+* **progress bar** (on a terminal by default), **divergence guard** (a non-finite objective, gradient or parameter,
+  or a method state that overflows although the gradient is finite — Adam's second moment of a gradient of
+  ``1e200`` is ``inf`` and would freeze theta silently — stops the run with :class:`~pydso.DivergenceError`
+  carrying the best parameters and, where simulating the step's episodes fails, the episode and step),
+  **callback** with a :class:`StepInfo` after every step (returning ``True`` stops), and one result type,
+  :class:`OptimizeResult`.
 """
 
 import os
@@ -28,10 +33,11 @@ import numpy as np
 
 from .._checks import check_finite_tree, check_key, check_positive_int
 from .._errors import DivergenceError, ProblemError
+from .._io import check_writable_file
 from .._progress import progress_bar
 from .._typing import PyTree
 from ._base import AbstractMethod
-from ._checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ._checkpoint import Checkpoint, load_checkpoint, run_fingerprint, save_checkpoint
 from ._gradient import Gradient
 
 __all__ = ["minimize", "OptimizeResult", "StepInfo"]
@@ -109,6 +115,43 @@ def _all_finite(tree):
     return jnp.all(jnp.array(leaves)) if leaves else jnp.array(True)
 
 
+@eqx.filter_jit
+def _stays_finite(old, new):
+    """False if a float leaf of the method state that was finite became inf/NaN (e.g. Adam's second moment of a
+    gradient of 1e200). Leaves whose shape changed (growing stores of episodes) are checked for finiteness where the
+    old leaf was finite everywhere; leaves that were already non-finite (e.g. a best value initialised to inf) are
+    not checked."""
+    oks = []
+    old_leaves, new_leaves = jax.tree.leaves(old), jax.tree.leaves(new)
+    if len(old_leaves) != len(new_leaves):
+        return jnp.array(True)
+    for a, b in zip(old_leaves, new_leaves, strict=True):
+        if not (hasattr(b, "dtype") and jnp.issubdtype(b.dtype, jnp.inexact)):
+            continue
+        if a.shape == b.shape:
+            oks.append(jnp.all(jnp.isfinite(b) | ~jnp.isfinite(a)))
+        elif a.size:
+            oks.append(jnp.all(jnp.isfinite(b)) | ~jnp.all(jnp.isfinite(a)))
+    return jnp.all(jnp.array(oks)) if oks else jnp.array(True)
+
+
+def _locate_divergence(problem, theta, method, key) -> str:
+    """'; rollout: <the engine's DivergenceError message>' if simulating this step's episodes at ``theta`` fails
+    (naming the episode and step), else ''."""
+    n = getattr(method, "n", None)
+    if not (isinstance(n, int) and n > 0) or not hasattr(problem, "initial"):
+        return ""
+    try:
+        from ..engine import rollout
+
+        rollout(problem, theta, key=key, n=n)
+    except DivergenceError as e:
+        return f"; {e}"
+    except Exception:  # noqa: BLE001 - locating is best effort: the divergence itself is reported anyway
+        return ""
+    return ""
+
+
 def minimize(
     problem,
     theta: PyTree,
@@ -156,13 +199,14 @@ def minimize(
     check_finite_tree(theta, "theta")
     method.check(problem, theta)
 
+    checkpoint = None if checkpoint is None else check_writable_file(checkpoint, "checkpoint")
+
     theta = jax.tree.map(jnp.asarray, theta)
     state = method.init(problem, theta)
-    fingerprint = {"method": method.describe(), "problem": getattr(problem, "name", type(problem).__name__)}
+    fingerprint = None if checkpoint is None else run_fingerprint(problem, theta, method)
     # Everything a checkpoint needs is replaced as ONE object after each step, so an interruption can never pair
     # the parameters of one step with the step counter of another (resume stays bit-identical).
     committed = Checkpoint(theta, state, theta, float("inf"), {name: [] for name in _CORE}, 0)
-    checkpoint = None if checkpoint is None else os.fspath(checkpoint)
     if checkpoint is not None and os.path.exists(checkpoint):
         committed = load_checkpoint(checkpoint, theta=theta, state=state, key=key, fingerprint=fingerprint)
 
@@ -177,18 +221,37 @@ def minimize(
         for k in bar:
             c = committed
             new_theta, new_state, stats = method.step(problem, c.theta, c.state, key=jax.random.fold_in(key, k))
-            core, extra, finite = jax.device_get(
-                ((stats.objective, stats.objective_stderr, stats.grad_norm), stats.extra, _all_finite(new_theta))
+            core, extra, finite, state_ok = jax.device_get(
+                (
+                    (stats.objective, stats.objective_stderr, stats.grad_norm),
+                    stats.extra,
+                    _all_finite(new_theta),
+                    _stays_finite(c.state, new_state),
+                )
             )
             obj, obj_se, gnorm = (float(v) for v in core)
             extra = {name: float(v) for name, v in extra.items()}
-            if not (np.isfinite(obj) and np.isfinite(gnorm) and bool(finite)):
+            if not (np.isfinite(obj) and np.isfinite(gnorm) and bool(finite) and bool(state_ok)):
                 save(c)
-                what = "objective" if not np.isfinite(obj) else "gradient" if not np.isfinite(gnorm) else "theta"
+                if not np.isfinite(obj):
+                    what = "the objective became non-finite"
+                elif not np.isfinite(gnorm):
+                    what = (
+                        "the gradient became non-finite, or so large that its norm overflows (any optimiser state "
+                        "built from its square, such as Adam's, is then inf and the update silently zero)"
+                    )
+                elif not bool(finite):
+                    what = "theta became non-finite"
+                else:
+                    what = (
+                        f"the method's state (optimiser moments) overflowed to inf/NaN although the gradient is finite "
+                        f"(grad_norm={gnorm:.3g}): the update would silently stall or corrupt theta"
+                    )
+                where = _locate_divergence(problem, c.theta, method, jax.random.fold_in(key, k))
                 raise DivergenceError(
-                    f"minimize diverged at step {k}: the {what} became non-finite (objective={obj}, "
-                    f"grad_norm={gnorm}). Lower the learning rate, clip gradients (optax.clip_by_global_norm), "
-                    "shorten the horizon or lower gamma. The best parameters are attached as .best_theta.",
+                    f"minimize diverged at step {k}: {what} (objective={obj}, grad_norm={gnorm}){where}. Lower the "
+                    "learning rate, clip gradients (optax.clip_by_global_norm), shorten the horizon or lower gamma. "
+                    "The best parameters are attached as .best_theta.",
                     best_theta=c.best_theta,
                     history={name: np.asarray(v[:k]) for name, v in c.history.items()},
                 )

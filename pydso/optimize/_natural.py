@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .._checks import check_positive_int
+from .._checks import check_nonnegative_number, check_positive_int, check_positive_number
 from .._errors import ProblemError
 from ..estimators import (
     AbstractBaseline,
@@ -64,6 +64,13 @@ class NaturalGradient(AbstractDataMethod):
         check_positive_int(self.cg_iters, "NaturalGradient.cg_iters")
         if self.learning_rate is None and self.max_kl is None:
             raise ProblemError("NaturalGradient needs a learning_rate or a max_kl")
+        check_nonnegative_number(self.damping, "NaturalGradient.damping")
+        if self.learning_rate is not None:
+            check_positive_number(self.learning_rate, "NaturalGradient.learning_rate")
+        if self.max_kl is not None:
+            check_positive_number(self.max_kl, "NaturalGradient.max_kl")
+        if self.weight_clip is not None:
+            check_positive_number(self.weight_clip, "NaturalGradient.weight_clip")
         check_baseline(self.baseline)
 
     def improve_from(self, problem, theta, data, *, key, progress=False):
