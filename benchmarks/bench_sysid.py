@@ -15,6 +15,9 @@
    each), with 1 and 2 Dask worker processes (workers warmed up first: compile time excluded and reported
    separately), and with the in-process threaded default (1 and 2 threads, compiled once beforehand).
 
+3. Recompilation (``--recompile``): compile cost of changing ``max_steps`` / tolerances, before (static) and after
+   (traced), see :func:`bench_recompile`; writes ``benchmarks/results/sysid_recompile.json``.
+
 Writes ``benchmarks/results/sysid.json``. Run: ``python benchmarks/bench_sysid.py``.
 """
 
@@ -166,7 +169,64 @@ def bench_batch(E=200, T=100, dt=0.1):
     return out
 
 
+def bench_recompile(T=500, dt=0.05):
+    """Compile cost of changing ``max_steps`` / tolerances between fits (issue 12: a 15-25 s recompilation).
+
+    *before*: the old compiled solve, keyed on ``max_steps`` (a static Python int) and on the method's float
+    ``rtol``/``atol`` (static fields), reproduced by ``equinox.filter_jit`` over the same solve body; *after*:
+    :func:`pydso.optimize.solve_least_squares`, where both are traced values. Each row: wall time of the first
+    call (compile + solve) and of calls with a changed ``max_steps`` and changed tolerances, and the number of
+    XLA compilations during the changed calls (``jax.monitoring``)."""
+    import equinox as eqx
+    import jax
+
+    from pydso.optimize import _least_squares as ls
+
+    u, y = data(T, dt)
+    p = S.sysid(make_model(), pydso.data.make_dataset(y, input=u, output=y, dt=dt))
+    compiles = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    old_solve = eqx.filter_jit(ls._solve_traced)  # the old keying: python int max_steps, float tolerances
+
+    def run(fn):
+        t = time.perf_counter()
+        n0 = len(compiles)
+        jax.block_until_ready(fn().theta)
+        return {"wall_s": time.perf_counter() - t, "compilations": len(compiles) - n0}
+
+    out = {}
+    try:
+        for label, call in (
+            ("before", lambda steps, tol: old_solve(pydso.LevenbergMarquardt(tol, tol), p, p.theta0, steps)),
+            (
+                "after",
+                lambda steps, tol: ls.solve_least_squares(
+                    p, p.theta0, method=pydso.LevenbergMarquardt(tol, tol), max_steps=steps
+                ),
+            ),
+        ):
+            out[label] = {
+                "first_call": run(lambda call=call: call(100, 1e-10)),
+                "max_steps_changed": run(lambda call=call: call(101, 1e-10)),
+                "tolerances_changed": run(lambda call=call: call(101, 1e-9)),
+            }
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out
+
+
 def main() -> int:
+    if "--recompile" in sys.argv:
+        res = bench_recompile()
+        print(json.dumps(res, indent=2))
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / "sysid_recompile.json").write_text(json.dumps(res, indent=2))
+        return 0
     results = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "single_fit": bench_single(),

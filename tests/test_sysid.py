@@ -10,8 +10,7 @@ import pytest
 import xarray as xr
 
 import pydso  # noqa: F401  (float64)
-from pydso.data import from_csv, from_mat, from_npz, make_dataset, save
-from pydso.data._readers import ReaderError
+from pydso.data import ReaderError, from_csv, from_mat, from_npz, make_dataset, save
 from pydso.problems import sysid as S
 from pydso.problems.sysid import fit_many, load_model
 

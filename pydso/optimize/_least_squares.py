@@ -25,6 +25,13 @@ point (Marquardt's diagonal scaling, fixed rather than updated so that the trust
 §5). The scaled iterate :math:`w` is kept in the state, so the iteration never suffers the rounding of
 :math:`\theta \to w`, and a resumed run reproduces an uninterrupted one bit for bit.
 
+**Compilation and batches.** :func:`solve_least_squares` compiles once per method type, problem structure and
+shapes: ``max_steps`` and the tolerances ``rtol``/``atol`` are passed as traced values, so changing them never
+recompiles. :func:`solve_least_squares_batch` solves from many starts (multi-start) and
+:func:`solve_least_squares_many` many stacked problems of one structure, each as one ``jax.vmap``-ed solve. Every
+solution reports optimistix's result by its public name (:data:`RESULT_NAMES`), the final cost and the scale-free
+optimality measure :func:`gradient_cosine`.
+
 **State.** The method state is optimistix's solver state with its array leaves only (its static parts — traced
 linearisations — are rebuilt by tracing in every step) plus the scale vector: a pytree of arrays, as
 :func:`pydso.minimize` checkpoints it. It holds the linearisation of :math:`r` at the current point, i.e. memory
@@ -59,10 +66,57 @@ __all__ = [
     "LevenbergMarquardt",
     "LeastSquaresSolution",
     "solve_least_squares",
+    "solve_least_squares_batch",
+    "solve_least_squares_many",
+    "RESULT_NAMES",
+    "RESULT_MESSAGES",
+    "result_code",
+    "result_message",
+    "gradient_cosine",
 ]
 
-SUCCESSFUL, MAX_STEPS_REACHED, FAILED = 0, 1, 2
-RESULT_MESSAGES = {SUCCESSFUL: "successful", MAX_STEPS_REACHED: "max_steps reached", FAILED: "nonlinear solver failed"}
+RESULT_NAMES = (
+    "successful",
+    "max_steps_reached",
+    "singular",
+    "breakdown",
+    "stagnation",
+    "conlim",
+    "nonfinite_input",
+    "nonlinear_max_steps_reached",
+    "nonlinear_divergence",
+    "nonfinite",
+)
+"""The public names of :class:`optimistix.RESULTS` (which extends :class:`lineax.RESULTS`); a result code of this
+module is the index of its name here (0 successful, 1 max_steps_reached, 2 singular: a non-finite linear solve,
+...)."""
+SUCCESSFUL, MAX_STEPS_REACHED = 0, 1
+FAILED = RESULT_NAMES.index("nonlinear_divergence")
+RESULT_MESSAGES = {
+    SUCCESSFUL: "successful",
+    MAX_STEPS_REACHED: "max_steps reached",
+    **{
+        i: f"{name} (optimistix.RESULTS.{name}: {optx.RESULTS[getattr(optx.RESULTS, name)].splitlines()[0]})"
+        for i, name in enumerate(RESULT_NAMES)
+        if i > MAX_STEPS_REACHED
+    },
+}
+"""Human-readable message per result code: the optimistix result name and the first line of its message."""
+
+
+def result_code(result) -> jax.Array:
+    """The integer code (index in :data:`RESULT_NAMES`) of an :class:`optimistix.RESULTS` value (traceable; only
+    the public comparison of result values is used)."""
+    code = jnp.asarray(len(RESULT_NAMES))  # unknown
+    for i, name in reversed(list(enumerate(RESULT_NAMES))):
+        code = jnp.where(result == getattr(optx.RESULTS, name), i, code)
+    return code
+
+
+def result_message(code: int) -> str:
+    """The message of a result code of :func:`result_code` (``'successful'``, ``'max_steps reached'`` or the
+    optimistix result name with its explanation)."""
+    return RESULT_MESSAGES.get(int(code), f"unknown optimistix result (code {int(code)})")
 
 
 class LeastSquaresState(eqx.Module):
@@ -220,9 +274,10 @@ class AbstractGaussNewtonMethod(AbstractMethod):
 
     def terminated(self, state: LeastSquaresState) -> tuple[jax.Array, jax.Array]:
         """``(done, code)``: whether the solver's termination test has held (Cauchy criterion on the iterate and
-        the residuals with ``rtol``/``atol``, or a failure) and the result code (0 successful, 2 failed)."""
+        the residuals with ``rtol``/``atol``, or a failure) and the result code (:func:`result_code`: 0
+        successful, else the index of the optimistix result name in :data:`RESULT_NAMES`)."""
         done, result = self._done(state)
-        return done, jnp.where(result == optx.RESULTS.successful, SUCCESSFUL, FAILED)
+        return done, result_code(result)
 
     def converged(self, state: LeastSquaresState) -> bool:
         """True once the termination test holds successfully (a failed solve does not count as converged)."""
@@ -305,22 +360,46 @@ class GaussNewton(AbstractGaussNewtonMethod):
 
 
 class LeastSquaresSolution(eqx.Module):
-    """The outcome of :func:`solve_least_squares`: ``theta``, ``num_steps``, ``code`` (0 successful, 1 max_steps
-    reached, 2 nonlinear solver failed) and ``state`` (the method state, to continue with
-    :func:`pydso.minimize` or inspect)."""
+    r"""The outcome of :func:`solve_least_squares`: ``theta``, ``num_steps``, ``code`` (the index of optimistix's
+    result name in :data:`RESULT_NAMES`: 0 successful, 1 max_steps_reached, ...), ``state`` (the method state, to
+    continue with :func:`pydso.minimize` or inspect), ``cost`` (:math:`\tfrac12\|r\|^2` at ``theta``) and
+    ``grad_cosine`` (:func:`gradient_cosine` at ``theta``: small at a first-order optimum). In a batch
+    (:func:`solve_least_squares_batch`) every field has a leading start axis."""
 
     theta: PyTree
     num_steps: jax.Array
     code: jax.Array
     state: LeastSquaresState
+    cost: jax.Array
+    grad_cosine: jax.Array
 
     @property
     def message(self) -> str:
-        return RESULT_MESSAGES.get(int(self.code), f"result code {int(self.code)}")
+        return result_message(int(self.code))
+
+    @property
+    def result_name(self) -> str:
+        """The public name of optimistix's result (``optimistix.RESULTS.<name>``)."""
+        c = int(self.code)
+        return RESULT_NAMES[c] if 0 <= c < len(RESULT_NAMES) else "unknown"
 
 
-@eqx.filter_jit
-def _solve(method, problem, theta0, max_steps):
+def gradient_cosine(r: jax.Array, J: jax.Array) -> jax.Array:
+    r"""The scale-free first-order optimality measure of MINPACK's ``gtol`` test (Moré, Garbow and Hillstrom,
+    *User guide for MINPACK-1*, 1980): :math:`\max_i |\mathbf J_{:,i}^\top r| / (\|\mathbf J_{:,i}\|\,\|r\|)`, the
+    largest cosine between the residual vector and a Jacobian column (0 where a column or ``r`` vanishes). It is
+    0 at a stationary point of :math:`\tfrac12\|r\|^2` and does not depend on the scale of the parameters or of
+    the residuals; LM stopping at a point where it is not small (say above 1e-4) stopped on small steps, not at
+    an optimum."""
+    g = J.T @ r
+    cn = jnp.linalg.norm(J, axis=0)
+    rn = jnp.linalg.norm(r)
+    den = cn * rn
+    ok = den > 0
+    return jnp.max(jnp.where(ok, jnp.abs(g) / jnp.where(ok, den, 1.0), 0.0), initial=0.0)
+
+
+def _solve_traced(method, problem, theta0, max_steps):
     state, static = method.init_traced(problem, theta0)
 
     def cond(carry):
@@ -330,13 +409,52 @@ def _solve(method, problem, theta0, max_steps):
 
     def body(carry):
         theta, state, k = carry
+        done, _ = method.terminated(state)
         theta, state = method._advance(problem, theta, state, static)
-        return theta, state, k + 1
+        return theta, state, jnp.where(done, k, k + 1)
 
-    theta, state, k = jax.lax.while_loop(cond, body, (theta0, state, jnp.asarray(0)))
+    theta, state, k = jax.lax.while_loop(cond, body, (theta0, state, jnp.zeros((), jnp.int32)))
     done, code = method.terminated(state)
     code = jnp.where(done, code, MAX_STEPS_REACHED)
-    return LeastSquaresSolution(theta=theta, num_steps=k, code=code, state=state)
+    flat, unravel = ravel_pytree(theta)
+    r = problem.residuals(theta)
+    J = jax.jacfwd(lambda f: problem.residuals(unravel(f)))(flat)
+    return LeastSquaresSolution(
+        theta=theta,
+        num_steps=k,
+        code=code,
+        state=state,
+        cost=0.5 * jnp.sum(r**2),
+        grad_cosine=gradient_cosine(r, J),
+    )
+
+
+@eqx.filter_jit
+def _solve(method, problem, theta0, max_steps):
+    return _solve_traced(method, problem, theta0, max_steps)
+
+
+@eqx.filter_jit
+def _solve_batch(method, problem, theta0s, max_steps):
+    return jax.vmap(lambda th: _solve_traced(method, problem, th, max_steps))(theta0s)
+
+
+def _traced_tolerances(method):
+    """``method`` with ``rtol``/``atol`` as 0-d arrays: traced by the compiled solve, so that changing them does not
+    recompile (the compiled code is keyed on the method's type and static structure only)."""
+    return eqx.tree_at(
+        lambda m: (m.rtol, m.atol),
+        method,
+        (jnp.asarray(float(method.rtol)), jnp.asarray(float(method.atol))),
+    )
+
+
+def _prepare(problem, method, max_steps):
+    method = LevenbergMarquardt() if method is None else method
+    if not isinstance(method, AbstractGaussNewtonMethod):
+        raise ProblemError(f"method must be LevenbergMarquardt or GaussNewton, got {type(method).__name__}")
+    max_steps = check_positive_int(max_steps, "max_steps")
+    return _traced_tolerances(method), jnp.asarray(max_steps, jnp.int32)
 
 
 def solve_least_squares(
@@ -346,18 +464,61 @@ def solve_least_squares(
     :class:`LevenbergMarquardt`) until its termination test holds or ``max_steps`` steps, in one compiled
     ``while_loop`` (the same steps :func:`pydso.minimize` takes one at a time, without its per-step bookkeeping).
 
-    Compiled once per method, problem structure and shapes (:func:`equinox.filter_jit`; a problem that is an
+    Compiled once per method type, problem structure and shapes (:func:`equinox.filter_jit`; a problem that is an
     :class:`equinox.Module` passes its arrays as traced arguments, so problems of the same shape share the code).
+    ``max_steps`` and the method's ``rtol``/``atol`` are traced values: changing them does not recompile.
 
     **Arguments:** ``problem`` (an :class:`~pydso.optimize.AbstractLeastSquares`), ``theta0`` (pytree of float
     arrays), ``method``, ``max_steps`` (positive int).
 
-    **Returns:** a :class:`LeastSquaresSolution`. Does not raise on non-convergence: check ``code``.
+    **Returns:** a :class:`LeastSquaresSolution`. Does not raise on non-convergence: check ``code`` / ``message``.
     """
-    method = LevenbergMarquardt() if method is None else method
-    if not isinstance(method, AbstractGaussNewtonMethod):
-        raise ProblemError(f"method must be LevenbergMarquardt or GaussNewton, got {type(method).__name__}")
-    max_steps = check_positive_int(max_steps, "max_steps")
+    method, max_steps = _prepare(problem, method, max_steps)
     theta0 = jax.tree.map(jnp.asarray, theta0)
     method.check_arguments(problem, theta0)  # the residuals' shape is checked when _solve is traced
     return _solve(method, problem, theta0, max_steps)
+
+
+def solve_least_squares_batch(
+    problem: AbstractLeastSquares, theta0s: PyTree, *, method: AbstractGaussNewtonMethod | None = None, max_steps=256
+) -> LeastSquaresSolution:
+    r"""Multi-start: :func:`solve_least_squares` from every start in ``theta0s`` (a pytree whose leaves have a
+    leading start axis), as **one** compiled, ``jax.vmap``-ed solve (a start that has terminated is frozen while
+    the others go on; ``num_steps`` counts each start's own steps).
+
+    **Returns:** a :class:`LeastSquaresSolution` whose fields have a leading start axis. Pick the best start by
+    ``cost`` (and ``code``); do not use it when the starts need different problem structures.
+    """
+    method, max_steps = _prepare(problem, method, max_steps)
+    theta0s = jax.tree.map(jnp.asarray, theta0s)
+    method.check_arguments(problem, theta0s)
+    n = {leaf.shape[0] if leaf.ndim else -1 for leaf in jax.tree.leaves(theta0s)}
+    if len(n) != 1 or -1 in n:
+        raise ProblemError(f"theta0s must have one leading start axis on every leaf, got leading sizes {sorted(n)}")
+    return _solve_batch(method, problem, theta0s, max_steps)
+
+
+@eqx.filter_jit
+def _solve_many(method, problems, theta0s, max_steps):
+    return eqx.filter_vmap(lambda p, th: _solve_traced(method, p, th, max_steps))(problems, theta0s)
+
+
+def solve_least_squares_many(
+    problems: AbstractLeastSquares,
+    theta0s: PyTree,
+    *,
+    method: AbstractGaussNewtonMethod | None = None,
+    max_steps=256,
+) -> LeastSquaresSolution:
+    r"""Many independent least-squares problems of one structure in **one** compiled, vmapped solve:
+    ``problems`` is an :class:`equinox.Module` problem whose array leaves carry a leading batch axis (problems
+    of equal shapes stacked with ``jax.tree.map(lambda *x: jnp.stack(x), *problems)``), ``theta0s`` the
+    starts with the same leading axis. A problem that has terminated is frozen while the others go on.
+
+    **Returns:** a :class:`LeastSquaresSolution` with a leading batch axis. Not for problems of different
+    shapes or static structure (they cannot be stacked).
+    """
+    method, max_steps = _prepare(problems, method, max_steps)
+    theta0s = jax.tree.map(jnp.asarray, theta0s)
+    check_finite_tree(theta0s, "theta0s")
+    return _solve_many(method, problems, theta0s, max_steps)

@@ -3,7 +3,7 @@ r"""System identification as a DSO problem constructor (the contract of :mod:`py
 The chain is the model driven by the *recorded* input; ``theta`` holds the model parameters and the initial
 states; the cost compares the model output with the *recorded* output. Identification is then a (nonlinear)
 least-squares problem: :func:`sysid` (also reachable as ``pydso.problems.sysid.sysid``; ``from pydso.problems
-import sysid`` gives this subpackage) returns a :class:`SysIdProblem`, an
+import sysid`` gives this subpackage, which is itself callable as the constructor) returns a :class:`SysIdProblem`, an
 :class:`~pydso.optimize.AbstractLeastSquares` over the unconstrained vector ``theta`` with ``theta0`` its start.
 It is solved by the package's least-squares methods — :class:`pydso.LevenbergMarquardt` (default) or
 :class:`pydso.GaussNewton` — either step by step under
@@ -46,7 +46,30 @@ block once and the per-experiment blocks with a leading experiment axis; the res
 is ``jax.vmap``-ed over the stacked experiments (which must therefore have equal shapes: no padding), giving one
 least-squares problem for the same solvers and the same covariance computation over the joint vector.
 
-Batch fits (:func:`fit_many`, the ``pydso sysid`` command): one fit per experiment (or one joint fit) on Dask,
+Working on real data (all through :func:`fit` / :meth:`SysIdProblem.fit`):
+
+* **multi-start** — ``n_starts=``, ``starts=[guesses]`` or ``sampler=`` (with ``key=``): every start is solved in
+  one compiled, ``jax.vmap``-ed Levenberg–Marquardt solve (:func:`pydso.optimize.solve_least_squares_batch`);
+  the best by estimation loss is reported, every start in ``result.multistart`` (:class:`MultiStart`).
+  ``max_steps``, ``rtol`` and ``atol`` are traced values: changing them never recompiles.
+* **fixed parameters** — ``fixed=["k3"]`` or ``{"k3": 0.5, "x0[1]": 0.0}`` holds parameters or initial states
+  at given values without rewriting the model; ``transforms`` may name initial states (``"x0"``, ``"x0[i]"``).
+* **validation on new data** — ``result.simulate(dataset)`` and ``result.score(dataset, x0="estimate",
+  n_init=k)`` (:class:`Score`: RMSE, NRMSE, fit %; the initial state estimated from the first ``k`` samples
+  only, or given); ``holdout=`` early stopping and ``regularization=`` L2 weight decay for network weights.
+* **honest reports** — intervals computed in the unconstrained coordinates of each transform (they never cross
+  a bound); the residual whiteness test (:func:`whiteness_test`: autocorrelation and input cross-correlation
+  with their bands) with every fit, a :class:`SysIdWarning` when it fails, and then (``covariance="auto"``)
+  the sandwich covariance for AR residuals (:func:`ar_sandwich`); non-identifiable parameters (a
+  rank-deficient Jacobian, no degrees of freedom) get infinite intervals, a warning and ``converged=False``;
+  ``result.stop_reason`` / ``grad_cosine`` say why the solver stopped and warn when it stopped away from an
+  optimum.
+* **smooth nonlinearities** for grey-box models of real plants: :func:`smooth_max`, :func:`smooth_min`,
+  :func:`smooth_abs`, :func:`smooth_clip` (saturation), :func:`dead_zone`, :func:`overflow`.
+* :func:`fit_batch` — many same-shape experiments as one vmapped solve (e.g. Monte-Carlo coverage studies).
+
+Batch fits (:func:`fit_many`, the ``pydso sysid`` command, which reads CSV / NPZ / MAT records directly): one
+fit per experiment (or one joint fit) on Dask,
 results in a zarr store that is only ever created or replaced if it is a pydso results store.
 
 When not to use it: for systems with significant process noise, the free-run simulation error is biased and
@@ -59,8 +82,12 @@ for direct solution of optimal control problems", IFAC 1984; J. J. Moré, "The L
 implementation and theory", 1978.
 """
 
+import sys as _sys
+import types as _types
+
 from ._batch import expand_paths, fit_many, load_model, open_results
-from ._errors import SysIdError
+from ._diagnostics import Whiteness, ar_sandwich, autocovariance, whiteness_test
+from ._errors import SysIdError, SysIdWarning
 from ._joint import JointSysIdProblem, JointSysIdResult, fit_joint
 from ._losses import GaussianNLL, MultipleShooting, Prediction, Simulation
 from ._models import (
@@ -71,7 +98,8 @@ from ._models import (
     simulate_outputs,
     simulate_states,
 )
-from ._problem import AbstractSysIdProblem, SysIdProblem, SysIdResult, fit, sysid
+from ._problem import AbstractSysIdProblem, MultiStart, Score, SysIdProblem, SysIdResult, fit, fit_batch, sysid
+from ._smooth import dead_zone, overflow, smooth_abs, smooth_clip, smooth_max, smooth_min
 
 __all__ = [
     "SysIdError",
@@ -97,4 +125,29 @@ __all__ = [
     "open_results",
     "load_model",
     "expand_paths",
+    "SysIdWarning",
+    "fit_batch",
+    "MultiStart",
+    "Score",
+    "Whiteness",
+    "whiteness_test",
+    "ar_sandwich",
+    "autocovariance",
+    "smooth_max",
+    "smooth_min",
+    "smooth_abs",
+    "smooth_clip",
+    "dead_zone",
+    "overflow",
 ]
+
+
+class _CallableModule(_types.ModuleType):
+    """``from pydso.problems import sysid`` gives this subpackage; calling it is the constructor
+    :func:`sysid` (``sysid(model, data, loss=...)``), so both readings of the import work."""
+
+    def __call__(self, *args, **kwargs):
+        return sysid(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

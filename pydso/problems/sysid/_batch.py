@@ -44,7 +44,7 @@ import numpy as np
 import xarray as xr
 
 from ..._io import load_object
-from ._errors import SysIdError
+from ._errors import SysIdError, SysIdWarning
 from ._models import StateSpaceModel
 
 __all__ = [
@@ -87,8 +87,11 @@ def load_model(spec):
 def _call_factory(factory, what):
     try:
         return factory()
-    except Exception as e:  # noqa: BLE001 - the user's factory failed: say which, with its error
-        raise SysIdError(f"model {what!r}: calling the factory failed: {type(e).__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: say which, with its error and traceback
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None))
+        raise SysIdError(
+            f"model {what!r}: calling the factory failed: {type(e).__name__}: {e}\nfactory traceback:\n{tb}"
+        ) from e
 
 
 def _as_model(obj, what):
@@ -116,6 +119,35 @@ def expand_paths(data: str | Sequence[str]) -> list[str]:
     return out
 
 
+READERS = {".csv": "from_csv", ".txt": "from_csv", ".npz": "from_npz", ".mat": "from_mat"}
+"""File extensions read by :mod:`pydso.data`'s readers (with ``read_options``: ``columns``, ``dt``, ...)."""
+
+
+def load_dataset(path, read_options: dict | None = None) -> xr.Dataset:
+    """A dataset from ``path``: a pydso store, a zarr store, or a CSV / NPZ / MAT record read by
+    :func:`pydso.data.from_csv` / :func:`~pydso.data.from_npz` / :func:`~pydso.data.from_mat` with
+    ``read_options`` (``columns={'input': [...], 'output': [...]}``, ``dt``, and for CSV ``skip_rows``, ...)."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext in READERS:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"dataset {path!r} does not exist")
+        opts = dict(read_options or {})
+        missing = [k for k in ("columns", "dt") if k not in opts]
+        if missing:
+            raise SysIdError(
+                f"dataset {path!r} is a {ext} record: reading it needs {missing} (read_options={{'columns': "
+                "{'input': ['u'], 'output': ['y']}, 'dt': 0.01}; CLI: --columns input=u output=y --dt 0.01)"
+            )
+        import pydso.data as pdata
+
+        if ext not in (".csv", ".txt"):
+            opts.pop("skip_rows", None)
+            opts.pop("delimiter", None)
+        return getattr(pdata, READERS[ext])(path, **opts)
+    return _load(path)
+
+
 def _load(path: str) -> xr.Dataset:
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset {path!r} does not exist")
@@ -128,10 +160,13 @@ def _load(path: str) -> xr.Dataset:
     try:
         return xr.open_zarr(path).load()  # a plain zarr store written by xarray
     except Exception as e:  # noqa: BLE001 - report the path, not zarr's internals
-        raise SysIdError(f"dataset {path!r} is neither a pydso store nor a readable zarr store: {e}") from None
+        raise SysIdError(
+            f"dataset {path!r} is neither a pydso store nor a readable zarr store, nor a CSV/NPZ/MAT record "
+            f"({', '.join(READERS)}): {e}"
+        ) from None
 
 
-def _experiments(data, by: str | None) -> list[tuple[str, Any, int | None]]:
+def _experiments(data, by: str | None, read_options=None) -> list[tuple[str, Any, int | None]]:
     """(id, source, episode) for each experiment; source is a Dataset or a path."""
     if isinstance(data, xr.Dataset) or isinstance(data, str | os.PathLike):
         data = [data]
@@ -152,7 +187,7 @@ def _experiments(data, by: str | None) -> list[tuple[str, Any, int | None]]:
         if by == "dataset":
             exps.append((name, src, None))
             continue
-        ds = src if isinstance(src, xr.Dataset) else _load(src)
+        ds = src if isinstance(src, xr.Dataset) else load_dataset(src, read_options)
         n = int(ds.sizes.get("episode", 1))
         for e in range(n):
             exps.append((f"{name}#episode={e}", ds if isinstance(src, xr.Dataset) else src, e))
@@ -162,19 +197,40 @@ def _experiments(data, by: str | None) -> list[tuple[str, Any, int | None]]:
     return exps
 
 
-def fit_one(model_spec, exp_id, source, episode, loss, fit_options) -> dict:
-    """Run one fit of experiment ``exp_id`` (``source``: a dataset or a store path; ``episode``: an index or None)
-    and return its record; never raises: failures are returned as records with ``status='failed'``."""
+def fit_one(model_spec, exp_id, source, episode, loss, fit_options, read_options=None) -> dict:
+    """Run one fit of experiment ``exp_id`` (``source``: a dataset or a path; ``episode``: an index or None)
+    and return its record; never raises: failures are returned as records with ``status='failed'``.
+
+    ``fit_options`` go to :func:`pydso.problems.sysid.fit`, except ``seed`` (an int: the key of a multi-start)
+    and ``validation`` (a dataset or path: the fit is scored on it, ``x0="estimate"``, giving ``val_rmse``,
+    ``val_nrmse``, ``val_fit_percent``; ``validation_n_init``: samples for its initial state)."""
     t0 = time.perf_counter()
     rec: dict[str, Any] = {"id": exp_id, "status": "failed", "error": ""}
     try:
+        import jax
+
         from pydso.problems.sysid import fit
 
+        opts = dict(fit_options or {})
+        val = opts.pop("validation", None)
+        n_init = opts.pop("validation_n_init", None)
+        if "seed" in opts:
+            opts["key"] = jax.random.PRNGKey(int(opts.pop("seed")))
         model = load_model(model_spec)
-        ds = source if isinstance(source, xr.Dataset) else _load(source)
+        ds = source if isinstance(source, xr.Dataset) else load_dataset(source, read_options)
         if episode is not None:
             ds = ds.isel(episode=[episode])
-        r = fit(model, ds, loss=loss, **(fit_options or {}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # recorded in the result
+            r = fit(model, ds, loss=loss, **opts)
+        if val is not None:
+            vds = val if isinstance(val, xr.Dataset) else load_dataset(val, read_options)
+            sc = r.score(vds, n_init=n_init)
+            rec.update(
+                val_rmse=np.asarray(sc.rmse, float),
+                val_nrmse=np.asarray(sc.nrmse, float),
+                val_fit_percent=np.asarray(sc.fit_percent, float),
+            )
         rec.update(
             status="ok" if r.converged else "not_converged",
             error="" if r.converged else r.message,
@@ -198,7 +254,7 @@ def fit_one(model_spec, exp_id, source, episode, loss, fit_options) -> dict:
     return rec
 
 
-def _fit_joint_task(model_spec, exps, loss, shared, fit_options):
+def _fit_joint_task(model_spec, exps, loss, shared, fit_options, read_options=None):
     """Run one joint fit over all experiments; never raises: returns ``(dataset or None, error message)``."""
     try:
         from pydso.problems.sysid import fit_joint
@@ -206,7 +262,7 @@ def _fit_joint_task(model_spec, exps, loss, shared, fit_options):
         model = load_model(model_spec)
         datasets = []
         for _, src, ep in exps:
-            ds = src if isinstance(src, xr.Dataset) else _load(src)
+            ds = src if isinstance(src, xr.Dataset) else load_dataset(src, read_options)
             datasets.append(ds.isel(episode=[ep]) if ep is not None else ds)
         r = fit_joint(
             model, datasets, shared=shared, loss=loss, experiment_ids=[e[0] for e in exps], **(fit_options or {})
@@ -228,7 +284,10 @@ def _records_to_dataset(records: list[dict], attrs: dict) -> xr.Dataset:
     ny = max([len(r["rmse"]) for r in records if "rmse" in r] or [0])
     E, P = len(records), len(names)
     arr = {k: np.full((E, P), np.nan) for k in ("estimate", "stderr", "ci_low", "ci_high")}
-    met = {k: np.full((E, ny), np.nan) for k in ("rmse", "nrmse", "fit_percent")}
+    mkeys = ["rmse", "nrmse", "fit_percent"]
+    if any("val_rmse" in r for r in records):
+        mkeys += ["val_rmse", "val_nrmse", "val_fit_percent"]
+    met = {k: np.full((E, ny), np.nan) for k in mkeys}
     cost, steps, wall = np.full(E, np.nan), np.full(E, -1, dtype=np.int64), np.full(E, np.nan)
     for i, r in enumerate(records):
         if "names" in r:
@@ -236,7 +295,8 @@ def _records_to_dataset(records: list[dict], attrs: dict) -> xr.Dataset:
             for k in arr:
                 arr[k][i, idx] = r[k]
             for k in met:
-                met[k][i, : len(r[k])] = r[k]
+                if k in r:
+                    met[k][i, : len(r[k])] = r[k]
             cost[i], steps[i] = r["cost"], r["n_steps"]
         wall[i] = r.get("wall_s", np.nan)
     data = {k: (("experiment", "parameter"), v) for k, v in arr.items()}
@@ -269,8 +329,9 @@ def _dataset_to_records(ds: xr.Dataset) -> list[dict]:
             r["names"] = [n for n, h in zip(names, have, strict=True) if h]
             for k in ("estimate", "stderr", "ci_low", "ci_high"):
                 r[k] = ds[k].values[i][have]
-            for k in ("rmse", "nrmse", "fit_percent"):
-                r[k] = ds[k].values[i]
+            for k in ("rmse", "nrmse", "fit_percent", "val_rmse", "val_nrmse", "val_fit_percent"):
+                if k in ds:
+                    r[k] = ds[k].values[i]
             r["cost"], r["n_steps"] = float(ds["cost"].values[i]), int(ds["n_steps"].values[i])
         r["wall_s"] = float(ds["wall_s"].values[i])
         recs.append(r)
@@ -389,6 +450,7 @@ def fit_many(
     on_result: Callable[[dict], None] | None = None,
     joint: bool = False,
     shared: Sequence[str] | str | None = None,
+    read_options: dict | None = None,
 ) -> xr.Dataset:
     """Fit ``model`` to every experiment, on Dask; return (and save to ``out``) the results dataset.
 
@@ -406,7 +468,9 @@ def fit_many(
       (``processes=False``, default; ``n_workers`` threads, default 1) or ``n_workers`` single-threaded
       worker processes (``processes=True``).
     - ``out``: zarr store for the results, rewritten every ``checkpoint_every`` results and at the end;
-      ``resume``: skip the experiments already in ``out`` (``retry_failed=True`` re-runs failed ones).
+      ``resume``: skip the experiments already in ``out`` (``retry_failed=True`` re-runs failed ones; failures
+      kept from an earlier run are listed in ``attrs['stale_failed']`` and warned about).
+    - ``read_options``: how to read CSV / NPZ / MAT paths (:func:`load_dataset`: ``columns``, ``dt``, ...).
     - ``progress``: tqdm bar (default: only on a terminal); ``on_result``: called with each record.
     - ``joint=True``: one joint fit of all experiments (:func:`pydso.problems.sysid.fit_joint`) with the
       parameters named in ``shared`` (names or a comma-separated string) common to all of them; it is one
@@ -422,7 +486,7 @@ def fit_many(
     shared = list(shared or [])
     if shared and not joint:
         raise SysIdError(f"shared={shared!r} needs joint=True (shared parameters only exist in a joint fit)")
-    exps = _experiments(datasets_or_paths, by)
+    exps = _experiments(datasets_or_paths, by, read_options)
     if joint:
         return _fit_many_joint(
             model,
@@ -439,6 +503,7 @@ def fit_many(
             fit_options,
             progress,
             on_result,
+            read_options,
         )
     done: dict[str, dict] = {}
     if out is not None:
@@ -467,7 +532,7 @@ def fit_many(
             for eid, src, ep in todo:
                 if isinstance(src, xr.Dataset) and ep is not None:
                     src, ep = src.isel(episode=[ep]), None
-                fut = client.submit(fit_one, mspec, eid, src, ep, loss, fit_options, pure=False)
+                fut = client.submit(fit_one, mspec, eid, src, ep, loss, fit_options, read_options, pure=False)
                 futures[fut] = eid
             bar = progress_bar(total=len(futures), desc="sysid fits", enable=progress)
             n_new = 0
@@ -492,6 +557,16 @@ def fit_many(
     result = _records_to_dataset(ordered, attrs)
     if out is not None:
         write_results(result, out)
+    stale = [eid for eid, r in done.items() if r["status"] == "failed"]
+    if stale:
+        result.attrs["stale_failed"] = stale
+        warnings.warn(
+            f"{len(stale)} experiment(s) failed in an earlier run on {out!r} and were not re-run (their recorded "
+            f"errors are shown again): {stale[:5]}; to re-run them (e.g. after fixing the model) pass "
+            "retry_failed=True (CLI: --retry-failed), or resume=False / --no-resume to re-run everything",
+            SysIdWarning,
+            stacklevel=2,
+        )
     return result
 
 
@@ -529,6 +604,7 @@ def _fit_many_joint(
     fit_options,
     progress,
     on_result,
+    read_options=None,
 ) -> xr.Dataset:
     """``fit_many(..., joint=True)``: one joint fit of all experiments as a single Dask task."""
     from ..._progress import progress_bar
@@ -565,7 +641,7 @@ def _fit_many_joint(
             for eid, src, ep in exps
         ]
         bar = progress_bar(total=1, desc="sysid joint fit", enable=progress)
-        fut = client.submit(_fit_joint_task, mspec, srcs, loss, shared, fit_options, pure=False)
+        fut = client.submit(_fit_joint_task, mspec, srcs, loss, shared, fit_options, read_options, pure=False)
         try:
             result, err = fut.result()
         except Exception as e:  # noqa: BLE001 - e.g. the worker died

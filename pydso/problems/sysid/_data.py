@@ -21,6 +21,15 @@ def extract_arrays(data, model):
             f"dataset has no 'output' variable (has {sorted(data.data_vars)}): sysid compares the model output "
             "with the recorded output"
         )
+    for name in ("output", "input"):
+        if name in data.data_vars:
+            dims = tuple(data[name].dims)
+            if "time" not in dims or "episode" not in dims:
+                raise SysIdError(
+                    f"variable {name!r} has dimensions {dims}: sysid needs ('episode', 'time', ...) for both 'input' "
+                    "and 'output' on the same 'time' axis (input and output on different time axes must be "
+                    "resampled onto one time coordinate first)"
+                )
     y = np.asarray(data["output"].transpose("episode", "time", ...).values, dtype=float)
     if y.ndim == 2:
         y = y[..., None]

@@ -57,6 +57,10 @@ class JointSysIdResult:
     loss: str
     n_samples: int
     dof: int
+    stop_reason: str = ""
+    grad_cosine: float = float("nan")
+    warnings: tuple = ()
+    multistart: object = None
 
     def experiment(self, i: int | str) -> SysIdResult:
         """The :class:`SysIdResult` view of experiment ``i`` (index or id)."""
@@ -410,8 +414,13 @@ class JointSysIdProblem(AbstractSysIdProblem):
         """Stacked residual vectors of all experiments (experiment-major) at the joint vector ``theta``."""
         return eqx.filter_vmap(lambda p, zz: p.residuals(zz))(self.base, self.sharing.per_experiment(theta)).ravel()
 
-    def result(self, theta, *, n_steps: int = 0, code: int | None = None) -> JointSysIdResult:
-        """The joint report at the joint unconstrained vector ``theta`` (see :meth:`SysIdProblem.result`)."""
+    def result(
+        self, theta, *, n_steps: int = 0, code: int | None = None, covariance: str = "white"
+    ) -> JointSysIdResult:
+        """The joint report at the joint unconstrained vector ``theta`` (see :meth:`SysIdProblem.result`; the
+        covariance is the white-residual one: ``covariance`` other than ``'white'``/``'auto'`` is refused)."""
+        if covariance not in ("white", "auto"):
+            raise SysIdError(f"joint fits support covariance='white' only, got {covariance!r}")
         s = self._summary(theta, n_steps, code)
         z, est, se, q, cov = s["z"], s["estimate"], s["stderr"], s["q"], s["cov"]
         J, E, nx = self.sharing.J, self.base.n_episodes, self.model.n_states
@@ -448,6 +457,7 @@ class JointSysIdProblem(AbstractSysIdProblem):
                     n_samples=s["n_samples"],
                     dof=s["dof"],
                     noise_std=s["noise_std"],
+                    model=self.model,
                 )
             )
         return JointSysIdResult(

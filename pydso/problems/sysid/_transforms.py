@@ -11,6 +11,25 @@ import numpy as np
 
 from ._errors import SysIdError
 
+BOUND_EPS = 1e-6
+"""Relative distance from a bound at which a starting value exactly on the bound of a bounded transform is placed."""
+
+
+def transform_pair(spec, name):
+    """``(to_physical, to_unconstrained)`` of the transform ``spec`` (``None``/``'identity'``, ``'positive'``,
+    ``'softplus'`` or ``(lower, upper)``) of the parameter called ``name`` (named in errors)."""
+    return _transform_pair(spec, name)
+
+
+def check_finite_guess(value, name: str) -> None:
+    """Raise :class:`SysIdError` naming ``name`` if the starting guess ``value`` has a NaN or infinite entry."""
+    a = np.asarray(value, dtype=float)
+    if not np.all(np.isfinite(a)):
+        raise SysIdError(
+            f"initial guess of {name!r} is not finite ({float(np.ravel(a)[~np.isfinite(np.ravel(a))][0])}): give a "
+            "finite starting value (params=..., x0=... or the model's guesses)"
+        )
+
 
 def _transform_pair(spec, name):
     """(to_physical, to_unconstrained) for one transform spec."""
@@ -42,9 +61,11 @@ def _transform_pair(spec, name):
 
         def inv(p):
             pa = np.asarray(p)
-            if np.any(pa <= lo) or np.any(pa >= hi):
+            if np.any(pa < lo) or np.any(pa > hi):
                 raise SysIdError(f"initial guess of {name!r} = {p!r} lies outside its bounds ({lo}, {hi})")
-            q = (p - lo) / (hi - lo)
+            # a value exactly on a bound (a fit's own output: the sigmoid saturates in floating point) is moved
+            # just inside, so that warm starts and polishing accept any result of a fit
+            q = jnp.clip((p - lo) / (hi - lo), BOUND_EPS, 1.0 - BOUND_EPS)
             return jnp.log(q) - jnp.log1p(-q)
 
         return (lambda z: lo + (hi - lo) * jax.nn.sigmoid(z)), inv
@@ -94,6 +115,7 @@ class ParamSpace:
         self.specs = tuple(_hashable_spec(transforms.get(n)) for n in self.leaf_names)
         z_leaves = []
         for (_, v), n, spec in zip(leaves_p, self.leaf_names, self.specs, strict=True):
+            check_finite_guess(v, n)
             _, to_unc = _transform_pair(spec, n)
             z_leaves.append(jnp.ravel(to_unc(v)))
         self.size = sum(self.sizes)
