@@ -15,3 +15,10 @@ class DivergenceError(RuntimeError):
         super().__init__(message)
         self.best_theta = best_theta
         self.history = history
+
+
+class StabilityWarning(UserWarning):
+    """A fixed-step explicit solve is outside its method's stability region at the given parameters (the step
+    ``dt`` times a local Jacobian eigenvalue lies where the Runge–Kutta stability function exceeds 1), so the
+    simulated trajectory, its cost and its gradient may be finite but wrong. Reduce ``dt`` or use an implicit or
+    adaptive solver (see :class:`pydso.ODESystem`)."""

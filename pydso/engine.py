@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._checks import check_key, check_positive_int
-from ._errors import DivergenceError
+from ._errors import DivergenceError, ProblemError
+from ._io import check_writable_dir
 from ._progress import progress_bar
 from ._typing import PyTree
 from .backends import AbstractBackend, EpisodeBatch, get_backend
-from .systems import Problem
+from .systems import GaussianChain, Problem, SDESystem, TabularChain
 
 __all__ = [
     "Trajectories",
@@ -32,6 +33,7 @@ __all__ = [
     "episode_keys",
     "shard_episodes",
     "check_key",
+    "check_log_densities",
 ]
 
 
@@ -116,6 +118,8 @@ def _rollout_chunk_checked(problem: Problem, theta: PyTree, keys: jax.Array, bac
     finite = b.finite
     if finite is None:
         finite = jnp.all(jnp.isfinite(b.states).reshape(b.states.shape[0], -1), axis=1)
+    if problem.system.has_log_prob:  # a non-finite log-density flags a bad noise scale or transition matrix
+        finite = finite & jnp.all(jnp.isfinite(b.log_probs), axis=1)
     return _trajectories(problem, b), finite
 
 
@@ -166,6 +170,13 @@ def rollout(
     keys = episode_keys(key, n)
     chunk = min(n if chunk_size is None else check_positive_int(chunk_size, "chunk_size"), n)
     n_chunks = -(-n // chunk)
+    if record is not None:  # before the simulation: an unwritable store path must not waste the run
+        check_writable_dir(record, "record")
+        if os.path.isdir(record) and not os.path.exists(os.path.join(record, "pydso.json")):  # a store's manifest
+            raise ProblemError(
+                f"record: {os.fspath(record)!r} is a directory but not a pydso trajectory store (no pydso.json); "
+                "pass a new path (the store is created) or an existing store (the episodes are appended)"
+            )
     staging = _staging_path(record) if record is not None else None
     pieces = []
     try:
@@ -184,6 +195,7 @@ def rollout(
                 piece = _take(piece, slice(0, chunk - pad))
             if check and not bool(np.all(np.asarray(finite)[: chunk - pad])):
                 _check_finite_states(piece, offset=i * chunk, n=n)
+                check_log_densities(problem, theta, piece, offset=i * chunk)
             if staging is not None:
                 _record(piece, problem, theta, staging)
             else:
@@ -199,7 +211,8 @@ def rollout(
 def _staging_path(path) -> str:
     """A hidden sibling of ``path`` where a recording is written before it is committed."""
     path = os.path.abspath(os.fspath(path))
-    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.recording-{uuid.uuid4().hex[:12]}")
+    name = f".{os.path.basename(path)}.recording-{os.getpid()}-{uuid.uuid4().hex[:12]}"  # pid: see data._store
+    return os.path.join(os.path.dirname(path), name)
 
 
 def _commit_recording(staging: str, path):
@@ -209,7 +222,12 @@ def _commit_recording(staging: str, path):
     if os.path.exists(path):
         data.append(path, data.open(staging))
     else:
-        os.replace(staging, path)
+        try:
+            os.replace(staging, path)  # refuses a non-empty directory: never replaces another writer's store
+        except OSError:
+            if not os.path.isdir(path):
+                raise
+            data.append(path, data.open(staging))  # created meanwhile by another writer: append to it
     return data.open(path)
 
 
@@ -224,6 +242,46 @@ def _check_finite_states(traj: "Trajectories", offset: int, n: int) -> None:
             f"({int((~finite.all(1)).sum())} of {m} episodes of this chunk of {n} affected). Reduce dt, tighten "
             "the solver tolerances, raise max_steps, or check theta."
         )
+
+
+def check_log_densities(problem: Problem, theta: PyTree, traj: "Trajectories", offset: int = 0) -> None:
+    r"""Raise :class:`~pydso.ProblemError` if a transition log-density of ``traj`` is non-finite because of a bad
+    definition, naming it: a :class:`~pydso.GaussianChain` ``scale``/``scale_tril`` that is not positive, an
+    :class:`~pydso.SDESystem` ``diffusion`` that is negative, or a :class:`~pydso.TabularChain` row that is not a
+    probability vector, at the state where it happened (episode ``offset + e``, step ``t``). Other non-finite
+    log-densities (e.g. a zero SDE diffusion, which has no density) are left to the caller. Runs on the host; call
+    it only when a non-finite value was seen (:func:`rollout` with ``check=True`` does)."""
+    system = problem.system
+    lp = np.asarray(traj.log_probs)
+    if not system.has_log_prob or np.all(np.isfinite(lp)):
+        return
+    for e, t in np.argwhere(~np.isfinite(lp))[:16]:  # the first few places are enough to diagnose
+        x = jnp.asarray(traj.states[e, t])
+        time = jnp.asarray(float(t) * system.time_step)
+        where = f"in episode {int(e) + offset} at step {int(t)}"
+        if isinstance(system, GaussianChain):
+            sc = np.asarray(system.noise_scale(time, x, theta))
+            name = "scale"
+            if system.scale_tril is not None:
+                sc, name = np.diag(sc), "scale_tril (its diagonal)"
+            if not (np.all(np.isfinite(sc)) and np.all(sc > 0)):
+                raise ProblemError(
+                    f"GaussianChain.{name} is {sc} (not positive) {where}: the transition has no density; make it "
+                    "positive (e.g. softplus or exp of a parameter)"
+                )
+        elif isinstance(system, SDESystem):
+            g = np.asarray(system.diffusion(time, x, theta))
+            if np.any(g < 0) or not np.all(np.isfinite(g)):
+                raise ProblemError(
+                    f"SDESystem.diffusion is {g} (negative) {where}: the diffusion of a diagonal-noise SDE must be "
+                    "non-negative (use its absolute value, or softplus of a parameter)"
+                )
+        elif isinstance(system, TabularChain):
+            row = np.asarray(system.matrix(time, theta))[int(x)]
+            raise ProblemError(
+                f"TabularChain.transition_fn row {int(x)} is {row} {where}: rows must be probability vectors "
+                "(entries >= 0 summing to 1); pydso never renormalises silently"
+            )
 
 
 def _record(traj: "Trajectories", problem: Problem, theta, path) -> None:

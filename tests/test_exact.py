@@ -267,14 +267,20 @@ def test_rejects_non_ergodic_average_cost():
         exact.stationary(jnp.eye(3))
 
 
-def test_rejects_terminal_sets_and_unsupported_settings():
+def test_finite_horizon_and_terminal_sets_supported_unsupported_settings_rejected():
+    # FiniteHorizon and terminal sets are modelled (tests/test_time_varying.py, tests/test_first_exit.py check the
+    # numbers); here: the value recursion's shape and V_T = Phi = 0, and the settings that are still refused.
     P_fn = lambda th: jnp.full((2, 2), 0.5)
-    term = _softmax_problem(P_fn, pydso.Episodic(0.9, terminal=lambda x: x == 1), "term")
-    with pytest.raises(pydso.ProblemError, match=r"problem 'term'.*terminal sets"):
-        exact.gradient(term, 0.0)
-    finite = _softmax_problem(P_fn, pydso.FiniteHorizon(10), "finite")
-    with pytest.raises(pydso.ProblemError, match=r"problem 'finite'.*FiniteHorizon"):
-        exact.value(finite, 0.0)
+    cost = lambda x, th: 1.0 + x.astype(float)
+    finite = pydso.Problem(pydso.TabularChain(P_fn), cost, pydso.FiniteHorizon(10), pydso.Categorical([0.5, 0.5]))
+    V = exact.value(finite, 0.0)
+    assert V.shape == (11, 2) and float(jnp.abs(V[-1]).max()) == 0.0
+    np.testing.assert_allclose(V[0], 1.0 + np.arange(2) + 9 * 1.5, rtol=1e-14)
+    no_exit = pydso.Problem(
+        pydso.TabularChain(P_fn), cost, pydso.Episodic(1.0), pydso.Categorical([0.5, 0.5]), name="noexit"
+    )
+    with pytest.raises(pydso.ProblemError, match=r"problem 'noexit'.*gamma < 1 or a terminal set"):
+        exact.gradient(no_exit, 0.0)
     wrong_p0 = pydso.Problem(
         pydso.TabularChain(lambda th: jnp.full((3, 3), 1 / 3)),
         lambda x, th: 1.0,

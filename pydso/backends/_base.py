@@ -48,7 +48,11 @@ class AbstractBackend(eqx.Module):
         """Simulate one episode per key in ``keys`` (shape ``(n,)``) under ``theta``.
 
         Must be traceable and differentiable in ``theta`` (pathwise gradients), and give the same episode for
-        the same key whatever else is in ``keys`` (chunking must not change results).
+        the same key whatever else is in ``keys`` (chunking must not change results). Time is passed through
+        everywhere: chains are sampled with ``system.sample(key, t, x, theta)``, costs evaluated with
+        ``problem.running_cost(t, x, theta)`` / ``problem.step_cost`` / ``problem.final_cost`` (``t`` the time of
+        ``x``, ``k * system.time_step``; the solver's time inside ODE/SDE solves), and a setting's terminal set of an
+        ODE/SDE system ends the episode at its zero-crossing (:meth:`pydso.Episodic.exit_condition`).
         """
 
     def check(self, problem) -> None:

@@ -38,8 +38,10 @@ class Pathwise(AbstractEstimator):
 
     Needs reparameterised dynamics (:class:`~pydso.DeterministicMap`, :class:`~pydso.GaussianChain`,
     :class:`~pydso.ODESystem`, :class:`~pydso.SDESystem`, or a :class:`~pydso.MarkovChain` declared
-    ``reparameterized=True``). Terminal sets make the objective discontinuous in :math:`\theta`: the pathwise
-    gradient then ignores the change of the exit time (use :class:`Score`).
+    ``reparameterized=True``). Terminal sets of discrete-time chains make the objective discontinuous in
+    :math:`\theta`: the pathwise gradient then ignores the change of the exit time (use :class:`Score`). ODE/SDE
+    terminal sets are located by a diffrax event whose root find is differentiated, so there the gradient includes
+    the exit-time term.
 
     **Arguments:**
 

@@ -26,7 +26,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._errors import ProblemError
+from .._errors import DivergenceError, ProblemError
 from .._typing import PyTree
 from ..backends import AbstractBackend
 from ..engine import rollout_chunk
@@ -51,8 +51,8 @@ _MEAN_BASELINE = MeanBaseline()  # the default baseline (one immutable instance)
 def _check_density(problem: Problem, what: str) -> None:
     if not problem.system.has_log_prob:
         raise ProblemError(
-            f"{what} needs a transition log-density, but {type(problem.system).__name__} has none (deterministic "
-            "dynamics); use the pathwise estimator"
+            f"{what} needs a transition log-density, but {type(problem.system).__name__} has no transition "
+            "log-density; use Pathwise()"
         )
 
 
@@ -85,11 +85,12 @@ def per_episode_score_gradients(
     wL = jax.lax.stop_gradient(batch.step_weights * returns.weights[:, :-1])
 
     def surrogate(theta, states, valid, adv, wl, end, tw, w_end):
+        ts = jnp.arange(states.shape[0], dtype=jnp.result_type(float)) * problem.system.time_step
         lp = jnp.where(valid, problem.system.path_log_prob(states, theta), 0.0)
-        c = jnp.where(valid, jax.vmap(problem.step_cost, in_axes=(0, None))(states[:-1], theta), 0.0)
+        c = jnp.where(valid, jax.vmap(problem.step_cost, in_axes=(0, 0, None))(ts[:-1], states[:-1], theta), 0.0)
         out = jnp.sum(wl * c) + jnp.sum(lp * adv)
         if problem.terminal_cost is not None:
-            out = out + jax.lax.stop_gradient(tw * w_end) * problem.terminal_cost(states[end], theta)
+            out = out + jax.lax.stop_gradient(tw * w_end) * problem.final_cost(ts[end], states[end], theta)
         return out
 
     grads = jax.vmap(jax.grad(surrogate), in_axes=(None, 0, 0, 0, 0, 0, 0, 0))(
@@ -222,7 +223,17 @@ def offpolicy_gradient(
         osum = o if osum is None else osum + o
     grad, grad_se = gsum.mean_stderr()
     obj, obj_se = osum.mean_stderr()
+    _check_finite_offpolicy([obj, *jax.tree.leaves(grad)], "offpolicy_gradient")
     return Estimate(grad, grad_se, obj, obj_se)
+
+
+def _check_finite_offpolicy(values, what: str) -> None:
+    """Raise :class:`~pydso.DivergenceError` if an off-policy estimate is non-finite (overflowing weights/costs)."""
+    if not all(bool(jnp.all(jnp.isfinite(v))) for v in values):
+        raise DivergenceError(
+            f"{what}: the estimate at theta is non-finite: the importance weights or the costs of the logged "
+            "episodes overflowed. Pass weight_clip=..., move theta closer to the behaviour chain, or check the cost."
+        )
 
 
 def offpolicy_objective(
@@ -246,4 +257,5 @@ def offpolicy_objective(
         s = _objective_sums(problem, theta, batch, weight_clip, normalize, weight_norm)
         total = s if total is None else total + s
     obj, obj_se = total.mean_stderr()
+    _check_finite_offpolicy([obj], "offpolicy_objective")
     return float(obj), float(obj_se)

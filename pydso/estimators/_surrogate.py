@@ -118,8 +118,9 @@ def prepare(
         g = discount(problem, gamma)
         v = jax.vmap(jax.vmap(lambda x: value_fn(x, theta_k)))(batch.states)
         if problem.terminal_cost is not None:
-            phi = jax.vmap(jax.vmap(problem.terminal_cost, in_axes=(0, None)), in_axes=(0, None))(
-                batch.states[:, 1:], theta_k
+            t1 = jnp.arange(1, batch.states.shape[1], dtype=jnp.result_type(float)) * problem.system.time_step
+            phi = jax.vmap(jax.vmap(problem.final_cost, in_axes=(0, 0, None)), in_axes=(None, 0, None))(
+                t1, batch.states[:, 1:], theta_k
             )
         else:
             phi = jnp.zeros_like(returns.costs)
@@ -201,8 +202,8 @@ def tabular_surrogate(problem: Problem, theta: PyTree, theta_k: PyTree) -> jax.A
     rho = exact.occupancy(problem, theta_k)
     V = exact.value(problem, theta_k)
     gamma = discount(problem)
-    P = jnp.asarray(problem.system.transition_fn(theta))
+    P = jnp.asarray(problem.system.matrix(0.0, theta))
     S = P.shape[0]
-    L = jax.vmap(lambda x: problem.cost(x, theta))(jnp.arange(S))
+    L = jax.vmap(lambda x: problem.running_cost(0.0, x, theta))(jnp.arange(S))
     r = jnp.where(P_k > 0, P / jnp.where(P_k > 0, P_k, 1.0), 0.0)
     return rho @ (L + gamma * jnp.einsum("xy,xy,y->x", P_k, r, V))

@@ -20,6 +20,12 @@ Each step :math:`k` is one evaluate/improve round:
    (any chain with a density).
 
 Each step reports the IS estimate of :math:`J(\theta_k)` from the data, and ``ess`` and ``episodes``.
+
+**Average cost** (:class:`~pydso.AverageCost`): the evaluation fits the differential value :math:`h_k` and the
+average cost jointly by average-cost LSTD (:func:`pydso.estimators.fit_differential_value`, ``evaluate="td"``), the
+lookahead is :math:`\sum_x \hat\pi_k(x)[L(x,\theta) + \sum_{x'}P(x'\mid x,\theta)\,h_k(x')]` (the average-cost
+policy-improvement step, Puterman 1994, §8.6, with :math:`\hat\pi_k` the visit frequencies after the burn-in), and
+the proximal improvement uses TD advantages of :math:`h_k` (:func:`pydso.optimize.td_discount`).
 """
 
 import dataclasses
@@ -42,7 +48,7 @@ from ..estimators import (
     offpolicy_objective,
     weighted_returns,
 )
-from ..systems import Problem, TabularChain
+from ..systems import AverageCost, Problem, TabularChain
 from ._improve import AbstractDataMethod, describe_fields
 from ._proximal import Proximal, adam
 
@@ -54,8 +60,8 @@ def _lookahead_run(problem, optimizer, rho, V, gamma, theta, epochs):
     S = rho.shape[0]
 
     def objective(theta):
-        P = problem.system.transition_fn(theta)
-        L = jax.vmap(lambda s: problem.cost(s, theta))(jnp.arange(S))
+        P = problem.system.matrix(0.0, theta)
+        L = jax.vmap(lambda s: problem.running_cost(0.0, s, theta))(jnp.arange(S))
         return rho @ (L + gamma * P @ V)
 
     g0 = jax.grad(objective)(theta)
@@ -84,7 +90,8 @@ def lookahead_improve(
 
     **Arguments:**
 
-    - ``problem``: a problem on a :class:`~pydso.TabularChain` with a discount.
+    - ``problem``: a problem on a :class:`~pydso.TabularChain` (episodic with a discount, or average cost with a
+      differential ``value_fn``).
     - ``theta_k``: the parameters of the round (the occupancy weights and :math:`V_k` belong to them).
     - ``data``: logged episodes (in memory) giving the occupancy :math:`\hat\rho_k`.
     - ``value_fn``: :math:`V_k(x, \theta)`.
@@ -106,9 +113,9 @@ def _lookahead(problem, theta_k, data, value_fn, epochs, optimizer, weight_clip)
         )
     epochs = check_positive_int(epochs, "epochs")
     batch = as_batch(data, problem)
-    gamma = discount(problem)
+    gamma = 1.0 if isinstance(problem.setting, AverageCost) else discount(problem)
     W = weighted_returns(problem, theta_k, batch, log_ratios(problem, theta_k, batch), weight_clip=weight_clip).weights
-    S = problem.system.transition_fn(theta_k).shape[0]
+    S = problem.system.matrix(0.0, theta_k).shape[0]
     occ = jnp.where(batch.valid, batch.step_weights * W[:, :-1], 0.0)
     x = batch.states[:, :-1]
     rho = jnp.zeros(S).at[x.reshape(-1)].add(occ.reshape(-1)) / batch.n_episodes

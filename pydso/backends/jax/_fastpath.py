@@ -183,12 +183,14 @@ def fixed_step_scan(
     inputs: jax.Array | None = None,
     input_interpolation: str = "zoh",
     finite_flags: bool = False,
+    cost_time: bool = False,
 ):
     """:func:`fixed_step_ensemble` without the final re-layout: returns ``(xs, cs)`` with ``xs`` the saved states
     after ``x0``, time-major, ``(n_save, d, N)`` for ``layout="soa"`` or ``(n_save, N, d)`` for ``"aos"``, and
     ``cs`` of shape ``(n_save, N)`` (None without a cost). With ``finite_flags=True``, ``(xs, cs, ok)`` where ``ok``
     (shape ``(N,)``) says whether every saved state of a trajectory (``x0`` included) is finite, tracked in the scan's
-    carry at no extra pass over the states."""
+    carry at no extra pass over the states. With ``cost_time=True`` the cost receives the time first,
+    ``cost(t, x, theta)`` (``cost(t, x, u, theta)`` with inputs), evaluated at each Runge–Kutta stage's time."""
     n_steps, save_every = _check_steps(n_steps, save_every)
     a, b, c = tableau_of(diffrax.Tsit5() if solver is None else solver)
     if layout not in ("soa", "aos"):
@@ -206,19 +208,25 @@ def fixed_step_scan(
 
     if inputs is None:
         f_b = _batched(vector_field, (None, axis, None), axis)
-        L_b = None if cost is None else _batched(cost, (axis, None), 0)
+        if cost is not None and not cost_time:
+            cost_t = cost
+            cost = lambda t, x, th: cost_t(x, th)  # noqa: E731
+        L_b = None if cost is None else _batched(cost, (None, axis, None), 0)
         us = None
 
         def fields(t, x, u):
-            return f_b(t, x, theta), (None if L_b is None else L_b(x, theta).astype(dtype))
+            return f_b(t, x, theta), (None if L_b is None else L_b(t, x, theta).astype(dtype))
 
     else:
         us, u_axis = _prepare_inputs(inputs, input_interpolation, N, n_save, axis, dtype, pad)
         f_b = _batched(vector_field, (None, axis, u_axis, None), axis)
-        L_b = None if cost is None else _batched(cost, (axis, u_axis, None), 0)
+        if cost is not None and not cost_time:
+            cost_u = cost
+            cost = lambda t, x, u, th: cost_u(x, u, th)  # noqa: E731
+        L_b = None if cost is None else _batched(cost, (None, axis, u_axis, None), 0)
 
         def fields(t, x, u):
-            return f_b(t, x, u, theta), (None if L_b is None else L_b(x, u, theta).astype(dtype))
+            return f_b(t, x, u, theta), (None if L_b is None else L_b(t, x, u, theta).astype(dtype))
 
     linear = inputs is not None and input_interpolation == "linear"
 
@@ -366,10 +374,12 @@ def euler_maruyama_scan(
     t0=0.0,
     checkpoints: int | None = None,
     finite_flags: bool = False,
+    cost_time: bool = False,
 ):
     """:func:`euler_maruyama_ensemble` without the final re-layout: returns ``(xs (n_save, d, N), cs (n_save, N) or
     None)``, the saved states after ``x0`` time-major in struct-of-arrays layout, and with ``finite_flags=True`` the
-    per-trajectory flags ``ok (N,)`` of :func:`fixed_step_scan`."""
+    per-trajectory flags ``ok (N,)`` of :func:`fixed_step_scan`. With ``cost_time=True`` the cost is
+    ``cost(t, x, theta)``."""
     n_steps, save_every = _check_steps(n_steps, save_every)
     x0 = _check_x0(x0)
     N, d = x0.shape
@@ -380,7 +390,10 @@ def euler_maruyama_scan(
         return jnp.broadcast_to(diffusion(t, x, th), x.shape)
 
     g_b = _batched(g_one, (None, 1, None), 1)
-    L_b = None if cost is None else _batched(cost, (1, None), 0)
+    if cost is not None and not cost_time:
+        cost_x = cost
+        cost = lambda t, x, th: cost_x(x, th)  # noqa: E731
+    L_b = None if cost is None else _batched(cost, (None, 1, None), 0)
     dt = jnp.asarray(dt, dtype)
     t0 = jnp.asarray(t0, dtype)
     sqdt = jnp.sqrt(dt)
@@ -409,7 +422,7 @@ def euler_maruyama_scan(
         tn = t0 + n.astype(dt.dtype) * dt
         xi = noise(n)
         x1 = x + f_b(tn, x, theta) * dt + g_b(tn, x, theta) * (sqdt * xi)
-        c1 = None if L_b is None else c + L_b(x, theta).astype(dtype) * dt
+        c1 = None if L_b is None else c + L_b(tn, x, theta).astype(dtype) * dt
         return x1, c1
 
     def interval(carry, _):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import lineax
 import numpy as np
+import optimistix as optx
 
 from ..._errors import ProblemError
 from ..._typing import PyTree
@@ -52,6 +53,8 @@ def _fastpath_obstacle(problem: Problem) -> str | None:
             )
     else:
         return "the fast path integrates ODESystem and SDESystem only (chains always run as a scan)"
+    if problem.setting.terminal_set() is not None:
+        return "a terminal set needs event detection (diffrax.Event), which the fixed-step fast path does not do"
     x = jax.eval_shape(problem.initial.sample, jax.random.key(0))
     if x.ndim != 1 or not jnp.issubdtype(x.dtype, jnp.floating):
         return f"the fast path needs a floating-point vector state, got shape {x.shape} and dtype {x.dtype}"
@@ -84,13 +87,15 @@ def choose_integrator(problem: Problem, integrator: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- fast path
-def _terminal(problem: Problem, x_end: jax.Array, theta, n: int, dtype):
-    """Terminal costs and weights of ``n`` episodes ending at ``x_end`` (struct of arrays, ``(d, n)``)."""
+def _terminal(problem: Problem, t_end, x_end: jax.Array, theta, n: int, dtype):
+    """Terminal costs and weights of ``n`` episodes ending at ``x_end`` (struct of arrays, ``(d, n)``) at time
+    ``t_end``."""
     if problem.terminal_cost is None:
         zeros = jnp.zeros((n,), dtype)
         return zeros, zeros
     _, w_end = problem.setting.weights()
-    tc = unroll_small_contractions(jax.vmap(problem.terminal_cost, in_axes=(1, None)))(x_end, theta).astype(dtype)
+    final = jax.vmap(problem.final_cost, in_axes=(None, 1, None))
+    tc = unroll_small_contractions(final)(jnp.asarray(t_end, dtype), x_end, theta).astype(dtype)
     return tc, jnp.full((n,), w_end, dtype)
 
 
@@ -109,9 +114,10 @@ def _fastpath_batch(problem: Problem, theta, keys, checkpoints) -> EpisodeBatch:
             dt=system.dt,
             n_steps=horizon,
             key=k_bm,
-            cost=problem.cost,
+            cost=problem.running_cost,
             checkpoints=checkpoints,
             finite_flags=True,
+            cost_time=True,
         )
     else:
         x0 = jax.vmap(problem.initial.sample)(keys)
@@ -122,9 +128,10 @@ def _fastpath_batch(problem: Problem, theta, keys, checkpoints) -> EpisodeBatch:
             dt=system.dt,
             n_steps=horizon,
             solver=system.solver,
-            cost=problem.cost,
+            cost=problem.running_cost,
             checkpoints=checkpoints,
             finite_flags=True,
+            cost_time=True,
         )
     dtype = xs.dtype
     soa = jnp.concatenate([x0.T[None], xs], axis=0)  # (H+1, d, n): every post-processing step stays in this layout
@@ -136,7 +143,7 @@ def _fastpath_batch(problem: Problem, theta, keys, checkpoints) -> EpisodeBatch:
         lps = lp_all(ts, x_prev, x_next, theta).T  # (n, H)
     else:
         lps = jnp.zeros((n, horizon), dtype)
-    tc, tw = _terminal(problem, soa[-1], theta, n, dtype)
+    tc, tw = _terminal(problem, horizon * system.dt, soa[-1], theta, n, dtype)
     states = jnp.transpose(soa, (2, 0, 1))
     return EpisodeBatch(states, cs.T, lps.astype(dtype), jnp.ones((n, horizon + 1), bool), tc, tw, finite)
 
@@ -157,8 +164,8 @@ def _chain_episode(problem: Problem, theta, key, checkpoints=None):
     def step(carry, inputs):
         x, alive = carry
         t, k = inputs
-        cost = jnp.where(alive, problem.cost(x, theta), 0.0)
-        x_new = system.sample(k, x, theta)
+        cost = jnp.where(alive, problem.running_cost(t, x, theta), 0.0)
+        x_new = system.sample(k, t, x, theta)
         x_new = jnp.where(alive, x_new, x)
         if system.has_log_prob:
             lp = system.log_prob(t, jax.lax.stop_gradient(x), jax.lax.stop_gradient(x_new), theta)
@@ -169,7 +176,10 @@ def _chain_episode(problem: Problem, theta, key, checkpoints=None):
         return (x_new, alive_new), (x_new, cost, lp, alive_new)
 
     _, (xs, costs, lps, alives) = checkpointed_scan(
-        step, (x0, alive0), (jnp.arange(horizon), jax.random.split(key_steps, horizon)), checkpoints=checkpoints
+        step,
+        (x0, alive0),
+        (jnp.arange(horizon, dtype=jnp.result_type(float)), jax.random.split(key_steps, horizon)),
+        checkpoints=checkpoints,
     )
     states = jnp.concatenate([x0[None], xs], axis=0)
     alive = jnp.concatenate([alive0[None], alives], axis=0)
@@ -177,18 +187,56 @@ def _chain_episode(problem: Problem, theta, key, checkpoints=None):
 
 
 # ------------------------------------------------------------------------------------------- diffrax
+_SOLVE_OK = (diffrax.RESULTS.successful, diffrax.RESULTS.event_occurred)
+
+
+def _exit_event(problem: Problem, dtype):
+    """The ``diffrax.Event`` of the setting's terminal set (the zero-crossing of its scalar condition), or None."""
+    if problem.setting.terminal_set() is None:
+        return None
+    tol = 1e-12 if dtype == jnp.float64 else 1e-5
+
+    def cond(t, y, args, **kwargs):
+        x = y[0] if isinstance(y, tuple) else y
+        return jnp.asarray(problem.setting.exit_condition(t, x, args), dtype)
+
+    return diffrax.Event(cond, root_finder=optx.Newton(rtol=tol, atol=tol))
+
+
+def _saveat(ts, event):
+    if event is None:
+        return diffrax.SaveAt(ts=ts)
+    return diffrax.SaveAt(subs=[diffrax.SubSaveAt(ts=ts), diffrax.SubSaveAt(t1=True)])
+
+
+def _absorb(sol, ts, event, ys, end_ys):
+    """After an exit event: hold the recorded values after the crossing at their crossing values (``end_ys``), and
+    return them with ``alive`` and the crossing time (``ts[-1]`` when there is no event)."""
+    if event is None:
+        return ys, jnp.ones(ts.shape, bool), ts[-1], sol.result == diffrax.RESULTS.successful
+    saved_ts = sol.ts[0]
+    after = ~jnp.isfinite(saved_ts)
+    t_end = sol.ts[1][0]
+    hit = sol.result == diffrax.RESULTS.event_occurred
+    out = jax.tree.map(lambda y, e: jnp.where(after.reshape((-1,) + (1,) * (y.ndim - 1)), e, y), ys, end_ys)
+    alive = ~hit | (ts < t_end)
+    ok = (sol.result == _SOLVE_OK[0]) | (sol.result == _SOLVE_OK[1])
+    return out, alive, jnp.where(hit, t_end, ts[-1]), ok
+
+
 def _ode_diffrax_episode(problem: Problem, theta, key):
     system = problem.system
     horizon = problem.setting.horizon
     x0 = problem.initial.sample(key)
     t1 = horizon * system.dt
     ts = jnp.linspace(0.0, t1, horizon + 1)
+    event = _exit_event(problem, x0.dtype)
 
     # theta goes in through ``args`` (not a closure) so that every diffrax adjoint, BacksolveAdjoint's
     # custom VJP included, differentiates with respect to it.
     def field(t, y, theta):
         x, _ = y
-        return system.vector_field(t, x, theta), problem.cost(x, theta)
+        return system.vector_field(t, x, theta), problem.running_cost(t, x, theta)
 
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field),
@@ -198,17 +246,21 @@ def _ode_diffrax_episode(problem: Problem, theta, key):
         dt0=system.dt,
         y0=(x0, jnp.zeros((), x0.dtype)),
         args=theta,
-        saveat=diffrax.SaveAt(ts=ts),
+        saveat=_saveat(ts, event),
         stepsize_controller=system.stepsize_controller,
         adjoint=system.adjoint,
+        event=event,
         max_steps=system.max_steps,
         throw=False,
     )
-    states, running = sol.ys
+    if event is None:
+        ys, end_ys = sol.ys, None
+    else:
+        ys, end_ys = sol.ys[0], jax.tree.map(lambda e: e[0], sol.ys[1])
+    (states, running), alive, t_end, ok = _absorb(sol, ts, event, ys, end_ys)
     costs = jnp.diff(running)
-    ok = sol.result == diffrax.RESULTS.successful
     states = jnp.where(ok, states, jnp.nan)
-    return states, costs, jnp.zeros((horizon,), costs.dtype), jnp.ones((horizon + 1,), bool)
+    return states, costs, jnp.zeros((horizon,), costs.dtype), alive, t_end
 
 
 def _sde_diffrax_episode(problem: Problem, theta, key):
@@ -220,6 +272,7 @@ def _sde_diffrax_episode(problem: Problem, theta, key):
     t1 = horizon * system.dt
     ts = jnp.linspace(0.0, t1, horizon + 1)
     bm = diffrax.VirtualBrownianTree(0.0, t1, tol=system.dt / 4, shape=x0.shape, key=key_bm)
+    event = _exit_event(problem, x0.dtype)
 
     def diffusion(t, x, theta):
         return lineax.DiagonalLinearOperator(jnp.broadcast_to(system.diffusion(t, x, theta), x.shape))
@@ -235,27 +288,42 @@ def _sde_diffrax_episode(problem: Problem, theta, key):
         dt0=system.dt,
         y0=x0,
         args=theta,
-        saveat=diffrax.SaveAt(ts=ts),
+        saveat=_saveat(ts, event),
         adjoint=system.adjoint,
+        event=event,
         max_steps=horizon + 16,
         throw=False,
     )
-    ok = sol.result == diffrax.RESULTS.successful
-    states = jnp.where(ok, sol.ys, jnp.nan)
-    # Left-point (Euler) rule for the running cost: the Euler-Maruyama discretisation of the cost integral.
-    costs = jax.vmap(problem.step_cost, in_axes=(0, None))(states[:-1], theta)
+    if event is None:
+        ys, end_ys = sol.ys, None
+    else:
+        ys, end_ys = sol.ys[0], sol.ys[1][0]
+    states, alive, t_end, ok = _absorb(sol, ts, event, ys, end_ys)
+    states = jnp.where(ok, states, jnp.nan)
+    # Left-point (Euler) rule for the running cost: the Euler-Maruyama discretisation of the cost integral. After an
+    # exit the cost and log-density are zero; the crossing interval is charged up to the crossing time (so the
+    # pathwise gradient sees the exit time) and scored as a full Euler-Maruyama step.
+    if event is None:
+        costs = jax.vmap(problem.step_cost, in_axes=(0, 0, None))(ts[:-1], states[:-1], theta)
+    else:
+        rates = jax.vmap(problem.running_cost, in_axes=(0, 0, None))(ts[:-1], states[:-1], theta)
+        costs = rates * jnp.clip(t_end - ts[:-1], 0.0, system.dt)
     lps = system.path_log_prob(states, theta)
-    return states, costs, lps, jnp.ones((horizon + 1,), bool)
+    lps = jnp.where(alive[:-1], lps, 0.0)
+    return states, costs, lps, alive, t_end
 
 
-def _with_terminal(problem: Problem, theta, states, costs, lps, alive):
-    """Add the terminal cost, paid once at the first absorbed state (or at x_H for episodes that never end)."""
+def _with_terminal(problem: Problem, theta, states, costs, lps, alive, t_end=None):
+    """Add the terminal cost, paid once at the first absorbed state (or at x_H for episodes that never end), at
+    time ``t_end`` (default: the recorded time of that state; ODE/SDE exits pass their crossing time)."""
     w, w_end = problem.setting.weights()
     w_full = jnp.asarray(np.append(w, w_end), costs.dtype)
     ended = ~alive
     end_index = jnp.where(jnp.any(ended), jnp.argmax(ended), problem.setting.horizon)
     if problem.terminal_cost is not None:
-        terminal_cost = problem.terminal_cost(states[end_index], theta)
+        if t_end is None:
+            t_end = end_index.astype(costs.dtype) * problem.system.time_step
+        terminal_cost = problem.final_cost(t_end, states[end_index], theta)
         end_weight = w_full[end_index]
     else:
         terminal_cost = end_weight = jnp.zeros((), costs.dtype)
