@@ -21,6 +21,7 @@ RANK = {
     **{name: 0 for name in LEAVES},
     "systems": 1,
     "exact": 2,
+    "divergences": 2,
     "data": 2,
     "backends": 2,
     "engine": 3,

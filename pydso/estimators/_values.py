@@ -14,7 +14,24 @@ x_t)`:
 
 Entering a terminal set bootstraps with the terminal cost. Linear fits (:func:`fit_value_linear`) are closed-form
 and stream stored datasets; network fits (:func:`fit_value_network`) use optax on in-memory data.
-Value fitting needs a discount :math:`\gamma` (:func:`discount`): average-cost settings have none.
+
+**Average cost** (:class:`~pydso.AverageCost`, no discount): :func:`fit_value_linear` fits the *differential*
+value :math:`h` of :math:`h(x) + J = L(x) + E_\theta[h(x')]` together with the average cost :math:`J`, by
+average-cost LSTD(λ) (Tsitsiklis & Van Roy 1999, *Average cost temporal-difference learning*; Yu & Bertsekas 2009):
+with traces :math:`z_t = d_t\phi_t + \lambda r_{t-1} z_{t-1}` (:math:`d_t = 1` after the burn-in, 0 before) it
+solves the square system
+
+.. math::
+    \Big[\sum_t z_t(\phi_t - r_t\phi_{t+1})^\top\Big]\beta + \Big[\sum_t z_t\Big] J = \sum_t z_t L_t,
+    \qquad \Big[\sum_t d_t \phi_t\Big]^\top \beta = 0,
+
+i.e. the TD(0)/LSTD fixed point with the average cost estimated jointly (its equation makes the system consistent),
+normalised so that :math:`h` has mean zero over the recorded states (the exact normalisation
+:math:`\pi^\top h = 0` when the data are on-policy and stationary). :math:`h` is defined up to a constant, which
+no gradient or advantage sees. The fit returns a :class:`LinearValue` with ``average_cost`` :math:`\hat J`.
+Off-policy data are reweighted per transition (:math:`r_t`); the state weighting then stays the behaviour's, which
+is exact for tabular (one-hot) features and an approximation otherwise. :func:`discount` still raises for
+settings without a discount: the discounted fits need one.
 """
 
 from collections.abc import Callable
@@ -27,11 +44,11 @@ import optax
 from .._checks import check_key, check_positive_int
 from .._errors import ProblemError
 from .._typing import PyTree
-from ..systems import Episodic, Problem
+from ..systems import AverageCost, Episodic, Problem
 from ._logged import LoggedBatch, absorbed, as_batch, iter_batches, step_costs
 from ._weights import importance_weights, log_ratios
 
-__all__ = ["LinearValue", "fit_value_linear", "fit_value_network", "discount"]
+__all__ = ["LinearValue", "fit_value_linear", "fit_differential_value", "fit_value_network", "discount"]
 
 
 def discount(problem: Problem, gamma: float | None = None) -> float:
@@ -49,7 +66,8 @@ def discount(problem: Problem, gamma: float | None = None) -> float:
 class LinearValue(eqx.Module):
     r"""A linear value function :math:`V(x) = \phi(x)^\top \beta`.
 
-    **Attributes:** ``coef`` :math:`\beta` ``(f,)``; ``features`` :math:`\phi(x) \to (f,)`.
+    **Attributes:** ``coef`` :math:`\beta` ``(f,)``; ``features`` :math:`\phi(x) \to (f,)`; ``average_cost``: the
+    jointly estimated average cost :math:`\hat J` of a differential (average-cost) fit, else ``None``.
 
     Callable as ``V(x)`` or ``V(x, theta)`` (theta is ignored), so it can be passed as
     ``StateValueBaseline(value_fn=V)`` or as the critic of the proximal surrogate.
@@ -57,6 +75,7 @@ class LinearValue(eqx.Module):
 
     coef: jax.Array
     features: Callable = eqx.field(static=True)
+    average_cost: jax.Array | None = None
 
     def __call__(self, x, theta=None):
         return jnp.dot(self.features(x), self.coef)
@@ -71,8 +90,10 @@ def _transition_terms(problem, theta, batch, weight_clip, weighting):
     costs = step_costs(problem, theta, batch)
     ab = absorbed(problem, batch)
     if problem.terminal_cost is not None:
-        phi_next = jax.vmap(jax.vmap(problem.terminal_cost, in_axes=(0, None)), in_axes=(0, None))(
-            batch.states[:, 1:], theta
+        horizon = batch.states.shape[1] - 1
+        ts_next = jnp.arange(1, horizon + 1, dtype=jnp.result_type(float)) * problem.system.time_step
+        phi_next = jax.vmap(jax.vmap(problem.final_cost, in_axes=(0, 0, None)), in_axes=(None, 0, None))(
+            ts_next, batch.states[:, 1:], theta
         )
         term = jnp.where(ab, phi_next, 0.0)
     else:
@@ -126,6 +147,75 @@ def _lstd_stats(problem, theta, batch, features, gamma, lam, weight_clip, weight
     return jnp.einsum("ntf,ntg->fg", z, diff), jnp.einsum("ntf,nt->f", z, reward)
 
 
+@eqx.filter_jit
+def _differential_stats(problem, theta, batch, features, lam, weight_clip):
+    """Sufficient statistics of average-cost LSTD(lam): A, sum z, b = sum z L, m = sum d phi."""
+    r, costs, ab, _, _ = _transition_terms(problem, theta, batch, weight_clip, "uniform")
+    w = batch.step_weights
+    d = jnp.where(batch.valid, jnp.broadcast_to(w / jnp.max(w), costs.shape), 0.0)
+    phi = jax.vmap(jax.vmap(features))(batch.states)  # (n, H+1, f)
+    valid = batch.valid
+    f = phi.shape[-1]
+    nxt = jnp.where((valid & ~ab)[..., None], phi[:, 1:], 0.0)
+    diff = phi[:, :-1] - r[..., None] * nxt
+
+    def fwd(z, inp):
+        ph, dd, r_prev, v = inp
+        z = jnp.where(v[:, None], dd[:, None] * ph + lam * r_prev[:, None] * z, 0.0)
+        return z, z
+
+    r_prev = jnp.concatenate([jnp.zeros((r.shape[0], 1)), jnp.where(ab, 0.0, r)[:, :-1]], axis=1)
+    _, z = jax.lax.scan(fwd, jnp.zeros((costs.shape[0], f)), (phi[:, :-1].swapaxes(0, 1), d.T, r_prev.T, valid.T))
+    z = z.swapaxes(0, 1)
+    return (
+        jnp.einsum("ntf,ntg->fg", z, diff),
+        jnp.einsum("ntf->f", z),
+        jnp.einsum("ntf,nt->f", z, costs),
+        jnp.einsum("ntf,nt->f", phi[:, :-1], d),
+    )
+
+
+def fit_differential_value(
+    problem: Problem,
+    theta: PyTree,
+    data,
+    features: Callable,
+    *,
+    lam: float = 0.0,
+    ridge: float = 1e-8,
+    weight_clip: float | None = None,
+    episodes_per_chunk: int | None = None,
+) -> LinearValue:
+    r"""Average-cost LSTD(λ): fit the differential value :math:`h(x) \approx \phi(x)^\top\beta` and the average
+    cost :math:`J` of the target chain jointly, in closed form (module docstring, "Average cost").
+
+    **Arguments:** as :func:`fit_value_linear` (``lam`` must lie in ``[0, 1)``).
+
+    **Returns:** a :class:`LinearValue` for :math:`h` (mean zero over the recorded states) with ``average_cost``
+    :math:`\hat J`.
+
+    :func:`fit_value_linear` calls it for :class:`~pydso.AverageCost` problems. When not to use it: on a chain
+    that is not ergodic (several closed classes: :math:`h` and :math:`J` are not unique), or with episodes too
+    short to mix (raise ``burn_in`` and ``horizon`` of the setting).
+    """
+    if not (isinstance(lam, int | float) and 0.0 <= lam < 1.0):
+        raise ProblemError(f"lam must lie in [0, 1) for average-cost LSTD, got {lam!r}")
+    A = zs = b = m = None
+    for batch in iter_batches(data, problem, episodes_per_chunk):
+        stats = _differential_stats(problem, theta, batch, features, float(lam), weight_clip)
+        A, zs, b, m = stats if A is None else tuple(x + y for x, y in zip((A, zs, b, m), stats, strict=True))
+    f = A.shape[0]
+    top = jnp.concatenate([A + ridge * jnp.eye(f, dtype=A.dtype), zs[:, None]], axis=1)
+    bottom = jnp.concatenate([m, jnp.zeros((1,), m.dtype)])[None, :]
+    sol = jnp.linalg.solve(jnp.concatenate([top, bottom], axis=0), jnp.concatenate([b, jnp.zeros((1,), b.dtype)]))
+    if not bool(jnp.all(jnp.isfinite(sol))):
+        raise ProblemError(
+            "average-cost LSTD is singular: the features cannot separate the recorded states, or the data visit too "
+            "few states; use other features, more episodes or a larger ridge"
+        )
+    return LinearValue(sol[:f], features, sol[f])
+
+
 def fit_value_linear(
     problem: Problem,
     theta: PyTree,
@@ -161,9 +251,28 @@ def fit_value_linear(
       accumulated chunk by chunk).
 
     **Returns:** a :class:`LinearValue`.
+
+    For an :class:`~pydso.AverageCost` problem without ``gamma`` the differential value and the average cost are
+    fitted (:func:`fit_differential_value`; ``method="td"`` only, ``state_weighting`` does not apply).
     """
     if method not in ("td", "mc"):
         raise ProblemError(f"method must be 'td' or 'mc', got {method!r}")
+    if gamma is None and isinstance(problem.setting, AverageCost):
+        if method != "td":
+            raise ProblemError(
+                "method='mc' needs a discount; for the AverageCost setting use method='td' (average-cost LSTD) "
+                "or pass gamma=..."
+            )
+        return fit_differential_value(
+            problem,
+            theta,
+            data,
+            features,
+            lam=lam,
+            ridge=ridge,
+            weight_clip=weight_clip,
+            episodes_per_chunk=episodes_per_chunk,
+        )
     g = discount(problem, gamma)
     A = b = None
     for batch in iter_batches(data, problem, episodes_per_chunk):

@@ -7,6 +7,9 @@ the surrogate is accurate (:math:`\nabla\hat S(\theta_k)` is the score gradient)
 behaviour chain: per-decision importance weights reweight them to :math:`\theta_k`, so a fixed log can be reused
 for several improvements — until its effective sample size collapses. References: Schulman et al. 2015 (TRPO),
 2017 (PPO); Kakade & Langford 2002.
+
+Average cost (:class:`~pydso.AverageCost`): the TD advantages use a differential critic :math:`h` with discount 1
+(:func:`td_discount`), e.g. the one :class:`~pydso.PolicyIteration` fits by average-cost LSTD.
 """
 
 import functools
@@ -32,9 +35,10 @@ from ..estimators import (
     prepare,
     surrogate,
 )
+from ..systems import AverageCost
 from ._improve import AbstractDataMethod, describe_fields
 
-__all__ = ["Proximal", "adam"]
+__all__ = ["Proximal", "adam", "td_discount"]
 
 _VARIANTS = ("clip", "kl", "plain")
 _RATIOS = ("one_step", "per_decision")
@@ -48,11 +52,28 @@ def adam(learning_rate: float) -> optax.GradientTransformation:
     return optax.adam(learning_rate)
 
 
+def td_discount(problem) -> float | None:
+    r"""The discount of TD advantages: ``1.0`` for the :class:`~pydso.AverageCost` setting, where the critic is a
+    differential value :math:`h` (:func:`pydso.estimators.fit_differential_value`) and the TD error
+    :math:`L_t + h(x_{t+1}) - h(x_t)` differs from the average-cost TD error :math:`L_t - J + h(x_{t+1}) - h(x_t)`
+    by a function of :math:`x_t` only, which multiplies a score of mean zero: the surrogate's gradient at
+    :math:`\theta_k` is unchanged (:math:`\nabla J = \sum_x \pi(x)[\nabla L + \sum_{x'}\nabla P\, h]`);
+    ``None`` (the problem's own discount) otherwise."""
+    return 1.0 if isinstance(problem.setting, AverageCost) else None
+
+
 @eqx.filter_jit
 def _prepare_chunk(problem, theta_k, batch, settings, value_fn):
     advantage, baseline, weight_clip, kw = settings
     sdata = prepare(
-        problem, theta_k, batch, advantage=advantage, baseline=baseline, value_fn=value_fn, weight_clip=weight_clip
+        problem,
+        theta_k,
+        batch,
+        advantage=advantage,
+        baseline=baseline,
+        value_fn=value_fn,
+        weight_clip=weight_clip,
+        gamma=td_discount(problem),
     )
     grad = jax.grad(surrogate, argnums=1)(problem, theta_k, sdata, **kw)
     return sdata, StreamingMoments.of(sdata.objective), grad
