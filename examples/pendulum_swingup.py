@@ -14,7 +14,9 @@ pathwise gradient explode on this chaotic system. Starts are drawn with ``|thdot
 ``|thdot| <= 1``) so the fast states of a swing-up are seen from the first step; the evaluation uses the task's own
 distribution and its exact undiscounted 200-step return.
 
-Run ``python examples/pendulum_swingup.py [--steps N] [--seed S] [--out DIR]``; ``train`` and ``evaluate`` are
+The plant, the policy class and the task live in :mod:`pydso.problems.control`
+(:func:`~pydso.problems.control.pendulum`); this script trains and reports. Run
+``python examples/pendulum_swingup.py [--steps N] [--seed S] [--out DIR]``; ``train`` and ``evaluate`` are
 importable (``tests/test_pendulum_gym.py`` checks the physics and the return against gymnasium itself).
 """
 
@@ -30,78 +32,34 @@ import numpy as np
 import optax
 
 import pydso
+from pydso.problems import control
 
-# --------------------------------------------------------------------------------- Pendulum-v1, verbatim
-G, M, L, DT = 10.0, 1.0, 1.0, 0.05
-MAX_SPEED, MAX_TORQUE = 8.0, 2.0
-EPISODE_STEPS = 200
+# --------------------------------------------------------------------------------- Pendulum-v1 (pydso.problems.control)
+G, M, L, DT = (control.PENDULUM[k] for k in ("g", "m", "l", "dt"))
+MAX_SPEED, MAX_TORQUE = control.PENDULUM["max_speed"], control.PENDULUM["max_torque"]
+EPISODE_STEPS = control.PENDULUM["episode_steps"]
 TASK_LOW, TASK_HIGH = np.array([-np.pi, -1.0]), np.array([np.pi, 1.0])
 
 # Training defaults (see the module docstring); tuned for robustness over seeds and for speed.
 DEFAULTS = dict(steps=200, n=64, horizon=50, gamma=0.93, lr=1e-2, final_lr_fraction=0.1, clip=1.0, train_speed=3.0)
 
-
-def angle_normalize(x):
-    return ((x + jnp.pi) % (2 * jnp.pi)) - jnp.pi
-
-
-def observe(x):
-    """gymnasium's observation ``(cos th, sin th, thdot)``, rounded to float32 like the environment's."""
-    th, thdot = x[0], x[1]
-    obs = jnp.stack([jnp.cos(th), jnp.sin(th), thdot])
-    return obs.astype(jnp.float32).astype(x.dtype)
-
-
-class Policy(eqx.Module):
-    """``u = 2 tanh(MLP(obs))``: a torque in [-2, 2] from gymnasium's observation."""
-
-    mlp: eqx.nn.MLP
-
-    def __init__(self, key, width: int = 64, depth: int = 2):
-        self.mlp = eqx.nn.MLP(3, "scalar", width, depth, activation=jnp.tanh, key=key)
-
-    def act(self, obs):
-        """Torque from an observation (as gymnasium returns it)."""
-        return MAX_TORQUE * jnp.tanh(self.mlp(jnp.asarray(obs, jnp.float64)))
-
-    def __call__(self, x):
-        """Torque from the state ``(th, thdot)``."""
-        return self.act(observe(x))
+angle_normalize = control.angle_normalize
+observe = control.pendulum_observe  # gymnasium's observation (cos th, sin th, thdot), rounded to float32
+Policy = control.MLPPolicy  # u = 2 tanh(MLP(obs)); .act(obs) from gymnasium's observation, __call__(x) from the state
 
 
 def init_policy(seed: int = 0) -> Policy:
-    """A freshly initialised policy; initialised under one ``jit`` (eager init compiles a kernel per op)."""
-    return eqx.filter_jit(Policy)(jax.random.key(seed))
+    """A freshly initialised 2x64 tanh policy (:func:`pydso.problems.control.pendulum`'s default)."""
+    task = control.pendulum(key=jax.random.key(seed))
+    return task.policy(task.theta0)
 
 
 def make_problem(static, *, gamma=1.0, horizon=EPISODE_STEPS, low=TASK_LOW, high=TASK_HIGH) -> pydso.Problem:
-    """The Pendulum-v1 closed loop as a pydso problem; ``theta`` is the policy's array leaves, ``static`` the rest.
-
-    With the defaults, the objective of one episode is exactly minus gymnasium's 200-step return.
+    """The Pendulum-v1 closed loop as a pydso problem (:func:`pydso.problems.control.pendulum_problem`); ``theta``
+    is the policy's array leaves, ``static`` the rest. With the defaults, the objective of one episode is exactly
+    minus gymnasium's 200-step return.
     """
-
-    def torque(x, theta):
-        return jnp.clip(eqx.combine(theta, static)(x), -MAX_TORQUE, MAX_TORQUE)
-
-    def step(x, theta):
-        th, thdot = x[0], x[1]
-        u = torque(x, theta)
-        newthdot = thdot + (3 * G / (2 * L) * jnp.sin(th) + 3.0 / (M * L**2) * u) * DT
-        newthdot = jnp.clip(newthdot, -MAX_SPEED, MAX_SPEED)
-        newth = th + newthdot * DT
-        return jnp.stack([newth, newthdot])
-
-    def cost(x, theta):
-        u = torque(x, theta)
-        return angle_normalize(x[0]) ** 2 + 0.1 * x[1] ** 2 + 0.001 * u**2
-
-    return pydso.Problem(
-        pydso.DeterministicMap(step),
-        cost,
-        pydso.Episodic(gamma, horizon),
-        pydso.Uniform(low, high),
-        name="Pendulum-v1",
-    )
+    return control.pendulum_problem(static, gamma=gamma, horizon=horizon, low=low, high=high)
 
 
 def split(model: Policy):

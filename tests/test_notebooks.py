@@ -11,7 +11,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-NOTEBOOKS = ["sysid_silverbox.ipynb", "offpolicy_from_logs.ipynb", "pendulum_swingup.ipynb"]
+NOTEBOOKS = [
+    "sysid_silverbox.ipynb",
+    "offpolicy_from_logs.ipynb",
+    "pendulum_swingup.ipynb",
+    "state_estimation.ipynb",
+    "generative_tuning.ipynb",
+    "behavioural_cloning.ipynb",
+    "mechanism_design.ipynb",
+    "control_tasks.ipynb",
+]
 NEEDS = {"sysid_silverbox.ipynb": REPO / "data" / "silverbox.zarr"}
 FAILED = "PYDSO-NOTEBOOK-CELL-FAILED"
 

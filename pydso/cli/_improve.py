@@ -59,7 +59,7 @@ def value_features(problem, theta):
     from ..systems import TabularChain
 
     if isinstance(problem.system, TabularChain):
-        n_states = problem.system.transition_fn(theta).shape[0]
+        n_states = problem.system.matrix(jnp.zeros(()), theta).shape[0]
         return lambda x: jax.nn.one_hot(x, n_states)
 
     def quadratic(x):
