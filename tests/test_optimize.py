@@ -208,3 +208,26 @@ def test_method_and_data_errors():
             pydso.Normal(jnp.zeros(2), 1.0),
         )
         pydso.minimize(deterministic, jnp.zeros((2, 2)), key=jax.random.key(0), method=pydso.Proximal())
+
+
+def test_least_squares_step_compiles_once_from_weakly_typed_theta(monkeypatch):
+    """A weakly typed starting theta (``jnp.array(-1.2)``) and optimistix's weakly typed counters used to make
+    the compiled step trace twice (weak after init, strong after one step): one extra compilation per fit."""
+    import pydso.optimize._least_squares as least_squares
+
+    class Rosenbrock(pydso.optimize.AbstractLeastSquares):
+        def residuals(self, theta):
+            return jnp.stack([theta["a"] - 1.0, 10.0 * (theta["b"] - theta["a"] ** 2)])
+
+    traces = []
+    original = least_squares.LevenbergMarquardt.step_traced
+
+    def counted(self, *args):
+        traces.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(least_squares.LevenbergMarquardt, "step_traced", counted)
+    theta0 = {"a": jnp.array(-1.2), "b": jnp.array(1.0)}
+    result = pydso.minimize(Rosenbrock(), theta0, key=jax.random.key(0), method=pydso.LevenbergMarquardt(), steps=60)
+    assert len(traces) == 1
+    np.testing.assert_allclose([result.theta["a"], result.theta["b"]], [1.0, 1.0], rtol=1e-6)

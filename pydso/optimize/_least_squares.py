@@ -226,7 +226,10 @@ class AbstractGaussNewtonMethod(AbstractMethod):
         f_struct, aux_struct = eqx.filter_eval_shape(self._fn, w, args)
         inner = solver.init(self._fn, w, args, self._options(), f_struct, aux_struct, frozenset())
         arrays, static = eqx.partition(inner, eqx.is_array)
-        return LeastSquaresState(inner=jax.tree.map(jnp.asarray, arrays), scale=scale, w=w), static
+        # Strong dtypes: optimistix starts some counters as weakly typed Python ints, and a weak leaf in the state
+        # makes the compiled step trace twice (weak after init, strong after the first step).
+        inner = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.result_type(a)), arrays)
+        return LeastSquaresState(inner=inner, scale=scale, w=w), static
 
     @staticmethod
     def _scaled(theta, state: LeastSquaresState):

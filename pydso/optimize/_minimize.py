@@ -201,7 +201,9 @@ def minimize(
 
     checkpoint = None if checkpoint is None else check_writable_file(checkpoint, "checkpoint")
 
-    theta = jax.tree.map(jnp.asarray, theta)
+    # Strong dtypes: a weakly typed leaf (``jnp.array(1.0)``) would become strong after the first update and make
+    # every compiled step trace and compile twice.
+    theta = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.result_type(a)), theta)
     state = method.init(problem, theta)
     fingerprint = None if checkpoint is None else run_fingerprint(problem, theta, method)
     # Everything a checkpoint needs is replaced as ONE object after each step, so an interruption can never pair
