@@ -79,9 +79,12 @@ __all__ = [
     "iter_chunks",
 ]
 
+from ._minari import from_minari as from_minari
+from ._minari import to_minari as to_minari
 from ._readers import ReaderError as ReaderError
 from ._readers import from_csv as from_csv
 from ._readers import from_mat as from_mat
 from ._readers import from_npz as from_npz
 
 __all__ += ["ReaderError", "from_csv", "from_npz", "from_mat"]
+__all__ += ["from_minari", "to_minari"]

@@ -10,7 +10,10 @@ used in two ways:
   them, plus the fixed log ``data`` if the method has one, plus — with ``reuse=True`` — every episode collected
   at earlier steps (the method's state, checkpointed with the run). ``n=0`` with ``data=log`` learns from a
   fixed log alone, with checkpointing, progress bar and divergence guard;
-* by :func:`improve`, one improvement from data you pass (e.g. a stored dataset in a batch job).
+* by :func:`improve`, one improvement from data you pass (e.g. a stored dataset in a batch job);
+* by :func:`~pydso.optimize.certified_improve`, several improvements from a fixed log with steps that keep the log's
+  effective sample size and a high-confidence lower bound on each iterate's improvement: it returns the best
+  *certified* iterate, not the last one (any data method).
 
 Every step reports the IS estimate of :math:`J(\theta_k)` from the data used, the norm of the gradient estimate,
 and the extra scalars ``episodes`` and ``ess`` (the per-episode effective sample size of the data at

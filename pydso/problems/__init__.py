@@ -39,24 +39,79 @@ kind                           where                         the problem
 system identification          :mod:`pydso.problems.sysid`   least squares: the model driven by the recorded
                                                              input vs the recorded output (simulation, multiple
                                                              shooting, prediction error); batch fits on Dask
-behavioural cloning            ``pydso.problems.cloning``    closed loop under the learned policy, imitation loss
-                               (planned)                     on the visited states (a :class:`pydso.Problem`)
-mechanism design               ``pydso.problems.design``     plant (and policy) parameters in ``theta``, task cost
-                               (planned)
-state-estimator learning       ``pydso.problems.estimation`` (true state, estimate) chain with measurement noise,
-                               (planned)                     estimation error as the cost
-generative-model tuning        ``pydso.problems.generative`` finite-horizon denoising chain, terminal reward plus
-                               (planned)                     per-step KL to the pretrained chain
+behavioural cloning            :func:`cloning`               closed loop under the learned policy, imitation loss
+                               (module                       on the visited states (expert policy queried there;
+                               ``problems/cloning.py``)      demonstrations: tracking loss); least squares over
+                                                             fixed keys for Gauss-Newton; :func:`regression` is
+                                                             the open-loop baseline
+mechanism design               :func:`design`                plant design and policy parameters in one ``theta``,
+                               (module                       task cost plus a design cost paid once per episode;
+                               ``problems/design.py``)       bounded designs in sigmoid coordinates
+control tasks (policy          :mod:`pydso.problems.control` pendulum (Pendulum-v1), cart-pole swing-up,
+optimisation)                                                two-link arm reaching: training problem, the task's
+                                                             own evaluation, a success criterion; MLP policies
+state-estimator learning       :func:`estimation`            (true state, filter state) chain with process and
+                               (module                       measurement noise (a density-free
+                               ``problems/estimation.py``)   ``ReparameterizedChain``), steady-state estimation
+                                                             error as the cost; learned filters vs Kalman / EKF
+generative-model tuning        :func:`generative`            finite-horizon, time-varying denoising chain (a DDPM
+                               (module                       from :func:`pretrain_ddpm`), terminal reward
+                               ``problems/generative.py``)   :math:`-r(x_H)` plus per-step
+                                                             :math:`\beta\,\mathrm{KL}` to the pretrained chain
+state-action chain (MDP)       :func:`pydso.problems.        chain on (s, a) under a stochastic policy: the score
+                               state_action_chain`           is grad log pi (REINFORCE), the chain Fisher Kakade's
 =============================  ============================  =====================================================
 
-Policy optimisation (control tasks) needs no constructor beyond :class:`pydso.Problem` itself.
+Policy optimisation needs no constructor beyond :class:`pydso.Problem` itself; :mod:`pydso.problems.control`
+builds ready-made tasks (``from pydso.problems import control``; ``control.cart_pole(key=...)``).
 
-System identification: ``from pydso.problems import sysid`` gives the subpackage; its constructor is
-:func:`pydso.problems.sysid.sysid` (``sysid.sysid(model, data, loss=...)``), the one-call fit
-:func:`pydso.problems.sysid.fit`; the most used names are re-exported here.
+Behavioural cloning and mechanism design: ``pydso.problems.cloning(...)`` and ``pydso.problems.design(...)`` are
+the constructors (the names are the functions; their modules' public names are re-exported here:
+``CloningProblem``, ``regression``, ``DesignProblem``, ...).
+
+State-estimator learning and generative-model tuning: ``pydso.problems.estimation(...)`` and
+``pydso.problems.generative(...)`` are the constructors (the names are the functions; their modules'
+public names — filters, chains, results — are re-exported here: ``GainObserver``, ``ExtendedKalmanFilter``,
+``DDPM``, ``pretrain_ddpm``, ...).
+
+System identification: ``from pydso.problems import sysid`` gives the subpackage, which is callable as its
+constructor :func:`pydso.problems.sysid.sysid` (``sysid(model, data, loss=...)`` or ``sysid.sysid(...)``), the
+one-call fit :func:`pydso.problems.sysid.fit`; the most used names are re-exported here.
 """
 
+from . import control as control
 from ._contract import AbstractConstructedProblem as AbstractConstructedProblem
+from .cloning import CloningProblem as CloningProblem
+from .cloning import CloningResult as CloningResult
+from .cloning import ImitationLeastSquares as ImitationLeastSquares
+from .cloning import cloning as cloning
+from .cloning import demonstrations as demonstrations
+from .cloning import regression as regression
+from .control import ControlResult as ControlResult
+from .control import ControlTask as ControlTask
+from .control import LinearPolicy as LinearPolicy
+from .control import MLPPolicy as MLPPolicy
+from .design import DesignProblem as DesignProblem
+from .design import DesignResult as DesignResult
+from .design import design as design
+from .estimation import AbstractFilter as AbstractFilter
+from .estimation import EstimationProblem as EstimationProblem
+from .estimation import EstimationResult as EstimationResult
+from .estimation import ExtendedKalmanFilter as ExtendedKalmanFilter
+from .estimation import GainObserver as GainObserver
+from .estimation import NoisyStateSpace as NoisyStateSpace
+from .estimation import estimation as estimation
+from .generative import DDPM as DDPM
+from .generative import AbstractDenoisingChain as AbstractDenoisingChain
+from .generative import DenoisingChain as DenoisingChain
+from .generative import GaussianMixture as GaussianMixture
+from .generative import GenerativeProblem as GenerativeProblem
+from .generative import GenerativeResult as GenerativeResult
+from .generative import generative as generative
+from .generative import pretrain_ddpm as pretrain_ddpm
+from .generative import tilted_weights as tilted_weights
+from .state_action import StateActionChain as StateActionChain
+from .state_action import state_action_chain as state_action_chain
 from .sysid import ContinuousModel as ContinuousModel
 from .sysid import DiscreteModel as DiscreteModel
 from .sysid import GaussianNLL as GaussianNLL
@@ -68,7 +123,9 @@ from .sysid import Simulation as Simulation
 from .sysid import SysIdError as SysIdError
 from .sysid import SysIdProblem as SysIdProblem
 from .sysid import SysIdResult as SysIdResult
+from .sysid import SysIdWarning as SysIdWarning
 from .sysid import finite_difference_states as finite_difference_states
 from .sysid import fit as fit
+from .sysid import fit_batch as fit_batch
 from .sysid import fit_joint as fit_joint
 from .sysid import simulate as simulate
