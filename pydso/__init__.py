@@ -11,6 +11,7 @@ _configure()
 
 from . import backends as backends  # noqa: E402
 from . import data as data  # noqa: E402
+from . import divergences as divergences  # noqa: E402
 from . import engine as engine  # noqa: E402
 from . import estimators as estimators  # noqa: E402
 from . import exact as exact  # noqa: E402
@@ -19,6 +20,7 @@ from . import problems as problems  # noqa: E402
 from . import systems as systems  # noqa: E402
 from ._errors import DivergenceError as DivergenceError  # noqa: E402
 from ._errors import ProblemError as ProblemError  # noqa: E402
+from ._errors import StabilityWarning as StabilityWarning  # noqa: E402
 from .backends.jax import RK4 as RK4  # noqa: E402
 from .data import DatasetError as DatasetError  # noqa: E402
 from .engine import Trajectories as Trajectories  # noqa: E402
@@ -29,16 +31,21 @@ from .estimators import NoBaseline as NoBaseline  # noqa: E402
 from .estimators import Pathwise as Pathwise  # noqa: E402
 from .estimators import Score as Score  # noqa: E402
 from .estimators import StateValueBaseline as StateValueBaseline  # noqa: E402
+from .estimators import distributed_estimate as distributed_estimate  # noqa: E402
+from .estimators import distributed_objective as distributed_objective  # noqa: E402
 from .estimators import pathwise_gradient as pathwise_gradient  # noqa: E402
 from .estimators import score_gradient as score_gradient  # noqa: E402
+from .optimize import CertifiedResult as CertifiedResult  # noqa: E402
 from .optimize import GaussNewton as GaussNewton  # noqa: E402
 from .optimize import Gradient as Gradient  # noqa: E402
 from .optimize import LevenbergMarquardt as LevenbergMarquardt  # noqa: E402
 from .optimize import NaturalGradient as NaturalGradient  # noqa: E402
+from .optimize import NewtonCG as NewtonCG  # noqa: E402
 from .optimize import OptimizeResult as OptimizeResult  # noqa: E402
 from .optimize import PolicyIteration as PolicyIteration  # noqa: E402
 from .optimize import Proximal as Proximal  # noqa: E402
 from .optimize import StepInfo as StepInfo  # noqa: E402
+from .optimize import certified_improve as certified_improve  # noqa: E402
 from .optimize import minimize as minimize  # noqa: E402
 from .systems import AverageCost as AverageCost  # noqa: E402
 from .systems import Categorical as Categorical  # noqa: E402
@@ -52,6 +59,7 @@ from .systems import MarkovChain as MarkovChain  # noqa: E402
 from .systems import Normal as Normal  # noqa: E402
 from .systems import ODESystem as ODESystem  # noqa: E402
 from .systems import Problem as Problem  # noqa: E402
+from .systems import ReparameterizedChain as ReparameterizedChain  # noqa: E402
 from .systems import SDESystem as SDESystem  # noqa: E402
 from .systems import TabularChain as TabularChain  # noqa: E402
 from .systems import Uniform as Uniform  # noqa: E402

@@ -6,12 +6,14 @@ One job per module:
 - ``_score``: the score gradient — one implementation (:func:`per_episode_score_gradients`) behind the on-policy
   :class:`Score` / :func:`score_gradient` and the off-policy :func:`offpolicy_gradient`.
 - ``_pathwise``: :class:`Pathwise` / :func:`pathwise_gradient`.
+- ``_distributed``: :func:`distributed_estimate`, :func:`distributed_objective` (over a Dask cluster, reduced exactly).
 - ``_baselines``: :class:`NoBaseline`, :class:`MeanBaseline`, :class:`StateValueBaseline` (on- and off-policy).
 - ``_logged``: :class:`LoggedBatch` and its sources (rollouts, stored datasets), costs and densities on a batch.
 - ``_weights``: importance weights, effective sample sizes, :class:`WeightedReturns`, streaming sums.
 - ``_values``: value fitting (IS Monte Carlo, off-policy LSTD(λ), networks).
 - ``_surrogate``: the proximal surrogate (:func:`prepare`, :func:`surrogate`, :func:`tabular_surrogate`).
 - ``_fisher``: Fisher-vector products, conjugate gradients, natural-gradient directions.
+- ``_hessian``: Hessian-vector products (score and pathwise forms) and the sampled local model of Newton–CG.
 """
 
 from ._base import AbstractEstimator as AbstractEstimator
@@ -23,6 +25,8 @@ from ._baselines import MeanBaseline as MeanBaseline
 from ._baselines import NoBaseline as NoBaseline
 from ._baselines import StateValueBaseline as StateValueBaseline
 from ._baselines import check_baseline as check_baseline
+from ._distributed import distributed_estimate as distributed_estimate
+from ._distributed import distributed_objective as distributed_objective
 from ._fisher import batch_fisher_vector_product as batch_fisher_vector_product
 from ._fisher import batch_transitions as batch_transitions
 from ._fisher import compatible_natural_gradient as compatible_natural_gradient
@@ -30,6 +34,10 @@ from ._fisher import conjugate_gradient as conjugate_gradient
 from ._fisher import fisher_vector_product as fisher_vector_product
 from ._fisher import natural_gradient_direction as natural_gradient_direction
 from ._fisher import solve_natural as solve_natural
+from ._hessian import LocalModel as LocalModel
+from ._hessian import hessian_estimator as hessian_estimator
+from ._hessian import hessian_vector as hessian_vector
+from ._hessian import local_model as local_model
 from ._logged import DEFAULT_EPISODES_PER_CHUNK as DEFAULT_EPISODES_PER_CHUNK
 from ._logged import LoggedBatch as LoggedBatch
 from ._logged import absorbed as absorbed
@@ -57,6 +65,7 @@ from ._surrogate import surrogate as surrogate
 from ._surrogate import tabular_surrogate as tabular_surrogate
 from ._values import LinearValue as LinearValue
 from ._values import discount as discount
+from ._values import fit_differential_value as fit_differential_value
 from ._values import fit_value_linear as fit_value_linear
 from ._values import fit_value_network as fit_value_network
 from ._weights import StreamingMoments as StreamingMoments

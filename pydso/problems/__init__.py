@@ -74,6 +74,10 @@ State-estimator learning and generative-model tuning: ``pydso.problems.estimatio
 public names — filters, chains, results — are re-exported here: ``GainObserver``, ``ExtendedKalmanFilter``,
 ``DDPM``, ``pretrain_ddpm``, ...).
 
+Learning from logs through a model: :func:`pydso.problems.model_based.model_based_improve` identifies the plant
+from the log (system identification), optimises the policy by DSO on the identified model and checks the result
+against the log with importance weights.
+
 System identification: ``from pydso.problems import sysid`` gives the subpackage, which is callable as its
 constructor :func:`pydso.problems.sysid.sysid` (``sysid(model, data, loss=...)`` or ``sysid.sysid(...)``), the
 one-call fit :func:`pydso.problems.sysid.fit`; the most used names are re-exported here.
@@ -110,6 +114,8 @@ from .generative import GenerativeResult as GenerativeResult
 from .generative import generative as generative
 from .generative import pretrain_ddpm as pretrain_ddpm
 from .generative import tilted_weights as tilted_weights
+from .model_based import ModelBasedResult as ModelBasedResult
+from .model_based import model_based_improve as model_based_improve
 from .state_action import StateActionChain as StateActionChain
 from .state_action import state_action_chain as state_action_chain
 from .sysid import ContinuousModel as ContinuousModel
