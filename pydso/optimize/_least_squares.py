@@ -206,7 +206,10 @@ class AbstractGaussNewtonMethod(AbstractMethod):
         _check_residual_shape(problem, out)
 
     def init(self, problem, theta: PyTree) -> LeastSquaresState:
-        return _compiled_init(self, problem, theta)
+        state = _compiled_init(self, problem, theta)
+        # Strong dtypes: optimistix starts its step counters and some iterates weakly typed, and a weak leaf makes
+        # the compiled step trace and compile twice (weak after init, strong after the first step).
+        return jax.tree.map(lambda a: jnp.array(a, dtype=a.dtype) if getattr(a, "weak_type", False) else a, state)
 
     def init_traced(self, problem, theta: PyTree):
         """``(state, static)``: :meth:`init` without its own compilation (traced inside another compiled
@@ -226,9 +229,7 @@ class AbstractGaussNewtonMethod(AbstractMethod):
         f_struct, aux_struct = eqx.filter_eval_shape(self._fn, w, args)
         inner = solver.init(self._fn, w, args, self._options(), f_struct, aux_struct, frozenset())
         arrays, static = eqx.partition(inner, eqx.is_array)
-        # Strong dtypes: optimistix starts some counters as weakly typed Python ints, and a weak leaf in the state
-        # makes the compiled step trace twice (weak after init, strong after the first step).
-        inner = jax.tree.map(lambda a: jnp.asarray(a, dtype=jnp.result_type(a)), arrays)
+        inner = jax.tree.map(jnp.asarray, arrays)
         return LeastSquaresState(inner=inner, scale=scale, w=w), static
 
     @staticmethod
