@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from closed_form import double_integrator
+from helpers import assert_tree_allclose
 
 import pydso
 import pydso.exact
@@ -211,3 +212,20 @@ def test_score_and_pathwise_agree_on_an_sde_with_theta_dependent_cost():
     s = pydso.score_gradient(problem, a, key=jax.random.key(1), n=400)
     diff, se = float(p.gradient - s.gradient), float(np.hypot(p.stderr, s.stderr))
     assert abs(diff) < 4 * se, (float(p.gradient), float(s.gradient), se)
+
+
+def test_estimators_are_traceable_under_jit_and_equal_the_eager_estimate():
+    """Users (and the demo) jit around the estimators; the eager finiteness check must not break tracing."""
+    A = jnp.array([[1.0, 0.1], [0.0, 1.0]])
+    B = jnp.array([[0.0], [0.1]])
+    problem = pydso.Problem(
+        system=pydso.GaussianChain(lambda x, K: A @ x - B @ (K @ x), 0.05),
+        cost=lambda x, K: x @ x,
+        setting=pydso.Episodic(gamma=0.9, horizon=20),
+        initial=pydso.Normal(jnp.zeros(2), 1.0),
+    )
+    theta = jnp.zeros((1, 2))
+    key = jax.random.key(3)
+    for estimate in (pydso.pathwise_gradient, pydso.score_gradient):
+        jitted = jax.jit(lambda t, k, estimate=estimate: estimate(problem, t, key=k, n=8).gradient)(theta, key)
+        assert_tree_allclose(jitted, estimate(problem, theta, key=key, n=8).gradient, rtol=1e-9, atol=1e-12)

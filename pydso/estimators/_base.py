@@ -90,8 +90,13 @@ def warn_single_episode(n: int, what: str) -> None:
 def check_finite_estimate(est: "Estimate", problem: Problem, theta: PyTree, *, key: jax.Array, n: int, what: str):
     """Raise :class:`~pydso.DivergenceError` if the gradient or objective of ``est`` is non-finite, naming the
     episode and step where the simulation of the same ``n`` episodes (same ``key``) diverged, or where a step cost
-    overflowed."""
+    overflowed.
+
+    Inside a trace (the estimate called under ``jax.jit``/``vmap``/``grad``) values are not known: nothing is
+    checked there, and the caller checks the concrete result (as :func:`pydso.minimize` does)."""
     leaves = [est.objective, *jax.tree.leaves(est.gradient)]
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return
     if all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
         return
     from ..engine import rollout

@@ -228,7 +228,10 @@ def offpolicy_gradient(
 
 
 def _check_finite_offpolicy(values, what: str) -> None:
-    """Raise :class:`~pydso.DivergenceError` if an off-policy estimate is non-finite (overflowing weights/costs)."""
+    """Raise :class:`~pydso.DivergenceError` if an off-policy estimate is non-finite (overflowing weights/costs).
+    Nothing is checked inside a trace (values unknown there)."""
+    if any(isinstance(v, jax.core.Tracer) for v in values):
+        return
     if not all(bool(jnp.all(jnp.isfinite(v))) for v in values):
         raise DivergenceError(
             f"{what}: the estimate at theta is non-finite: the importance weights or the costs of the logged "
