@@ -25,6 +25,7 @@ always receive ``t``. Do not push time into the state: a noise-free time compone
 import abc
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -873,6 +874,16 @@ class Problem(eqx.Module):
                     f"theta{jax.tree_util.keystr(path)} has integer dtype {dt}; pydso differentiates in theta: pass "
                     "floats (e.g. 2.0, not 2)"
                 )
+        signature = _shape_signature(theta)
+        if not _shapes_checked(self, signature):
+            self._check_shapes(theta)
+            _remember_shapes_checked(self, signature)
+        if not _has_tracer(theta):
+            self._check_concrete(theta)
+
+    def _check_shapes(self, theta: PyTree) -> None:
+        """The structural checks of :meth:`check_theta` (abstract evaluation only; they depend on theta's pytree
+        structure, shapes and dtypes, not its values, so each signature is checked once per problem)."""
         x = jax.eval_shape(self.initial.sample, jax.random.key(0))
         key = jax.random.key(0)
         t0 = jnp.zeros((), jnp.result_type(float))
@@ -912,8 +923,6 @@ class Problem(eqx.Module):
             tc = jax.eval_shape(self.final_cost, t0, x, theta)
             if tc.shape != ():
                 raise ProblemError(f"terminal_cost(x, theta) must return a scalar, got shape {tc.shape}")
-        if not _has_tracer(theta):
-            self._check_concrete(theta)
 
     def _check_concrete(self, theta: PyTree) -> None:
         """The value checks of :meth:`check_theta` that need a concrete ``theta`` (a few eager operations)."""
@@ -966,3 +975,28 @@ def _eval_noise(system, which, x, theta):
     if which == "diffusion":
         return system.diffusion(t, x, theta)
     return system.noise_scale(t, x, theta)
+
+
+# Problems whose structural checks passed, per theta signature (treedef, leaf shapes and dtypes): an eager rollout
+# of a small batch otherwise spends most of its time re-tracing the same abstract evaluations. Keyed by id with a
+# weak reference, so a problem that is garbage-collected leaves no entry (and a reused id is never mistaken).
+_SHAPES_CHECKED: dict[int, tuple[weakref.ref, set]] = {}
+
+
+def _shape_signature(theta: PyTree):
+    leaves, treedef = jax.tree_util.tree_flatten(theta)
+    return treedef, tuple((tuple(jnp.shape(leaf)), jnp.result_type(leaf)) for leaf in leaves)
+
+
+def _shapes_checked(problem: "Problem", signature) -> bool:
+    entry = _SHAPES_CHECKED.get(id(problem))
+    return entry is not None and entry[0]() is problem and signature in entry[1]
+
+
+def _remember_shapes_checked(problem: "Problem", signature) -> None:
+    key = id(problem)
+    entry = _SHAPES_CHECKED.get(key)
+    if entry is None or entry[0]() is not problem:
+        entry = (weakref.ref(problem, lambda _, key=key: _SHAPES_CHECKED.pop(key, None)), set())
+        _SHAPES_CHECKED[key] = entry
+    entry[1].add(signature)

@@ -138,3 +138,21 @@ def test_fixed_step_outside_stability_region_warns():
     with pytest.warns(pydso.StabilityWarning, match="Tsit5"):
         traj = pydso.rollout(_stiff_problem(0.05), 100.0, key=KEY, n=1)  # -5: the solution grows, wrongly
     assert abs(float(traj.states[0, -1, 0])) > 1.0
+
+
+def test_structural_checks_are_cached_per_theta_signature_but_values_are_always_checked():
+    """check_theta remembers which theta signatures (structure, shapes, dtypes) passed the abstract evaluation of a
+    problem; a new signature is still checked, and value checks (finiteness) run on every call."""
+    problem = pydso.Problem(
+        pydso.DeterministicMap(lambda x, th: th["a"] @ x),
+        lambda x, th: x @ x,
+        pydso.Episodic(gamma=0.9, horizon=5),
+        pydso.Fixed(jnp.ones(2)),
+    )
+    good = {"a": jnp.eye(2)}
+    problem.check_theta(good)
+    problem.check_theta(good)  # cached signature: passes again
+    with pytest.raises(pydso.ProblemError, match="theta"):
+        problem.check_theta({"a": jnp.eye(3)})  # new signature: evaluated, and wrong
+    with pytest.raises(pydso.ProblemError, match="theta"):
+        problem.check_theta({"a": jnp.full((2, 2), jnp.nan)})  # cached signature, but a NaN value
