@@ -47,7 +47,7 @@ from ..systems import Problem
 from ._base import AbstractEstimator, Estimate, check_finite_estimate, warn_single_episode
 from ._baselines import AbstractBaseline, MeanBaseline, NoBaseline, StateValueBaseline
 from ._logged import LoggedBatch, as_batch
-from ._pathwise import Pathwise
+from ._pathwise import Pathwise, combine_group_means
 from ._score import Score, per_episode_score_gradients
 from ._weights import WeightedReturns, weighted_returns
 
@@ -484,18 +484,7 @@ def _pathwise(cl, blob, estimator: Pathwise, problem, n, theta, keydata, impl, c
         gmeans.append(grads)
         obj_acc = _merge(obj_acc, (int(mask[g : g + k].sum()), mean, m2))
     grads = jax.tree.map(lambda *xs: np.concatenate(xs), *gmeans)
-    frac = jnp.asarray(mask.sum(axis=1) / n)
-
-    def combine(g):  # as Pathwise._estimate
-        g = jnp.asarray(g)
-        f = frac.reshape((G,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-        mean = jnp.sum(f * g, axis=0)
-        var = G / (G - 1) * jnp.sum(f**2 * (g - mean) ** 2, axis=0) if G > 1 else jnp.full_like(mean, jnp.nan)
-        return mean, jnp.sqrt(var)
-
-    pairs = jax.tree.map(combine, grads)
-    mean = jax.tree.map(lambda _, p: p[0], grads, pairs)
-    stderr = jax.tree.map(lambda _, p: p[1], grads, pairs)
+    mean, stderr = combine_group_means(grads, jnp.asarray(mask.sum(axis=1) / n))
     obj, obj_se = _mean_stderr(obj_acc)
     return Estimate(mean, stderr, jnp.asarray(obj), jnp.asarray(obj_se))
 

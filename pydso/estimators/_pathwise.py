@@ -90,19 +90,28 @@ class Pathwise(AbstractEstimator):
 
         value_and_grad = jax.value_and_grad(group_mean, has_aux=True)
         (_, values), grads = jax.vmap(value_and_grad, in_axes=(None, 0, 0))(theta, keys, mask)
-        frac = sizes / n
-
-        def combine(g):  # g: (G, ...) group means
-            f = frac.reshape((G,) + (1,) * (g.ndim - 1)).astype(g.dtype)
-            mean = jnp.sum(f * g, axis=0)
-            var = G / (G - 1) * jnp.sum(f**2 * (g - mean) ** 2, axis=0) if G > 1 else jnp.full_like(mean, jnp.nan)
-            return mean, jnp.sqrt(var)
-
-        pairs = jax.tree.map(combine, grads)
-        mean = jax.tree.map(lambda _, p: p[0], grads, pairs)
-        stderr = jax.tree.map(lambda _, p: p[1], grads, pairs)
+        mean, stderr = combine_group_means(grads, sizes / n)
         values = values.reshape(-1)[:n]
         return Estimate(mean, stderr, jnp.mean(values), jnp.std(values, ddof=1) / jnp.sqrt(n))
+
+
+def combine_group_means(group_means: PyTree, fractions: jax.Array) -> tuple[PyTree, PyTree]:
+    r"""Batch-means estimate from ``G`` group means :math:`g_j` (leaves of shape ``(G, ...)``) of groups holding the
+    fractions :math:`f_j` of the episodes: the mean :math:`\sum_j f_j g_j` and its standard error
+    :math:`\sqrt{G/(G-1)\,\sum_j f_j^2 (g_j - \bar g)^2}` (NaN for ``G = 1``). Returns ``(mean, stderr)`` pytrees."""
+    G = fractions.shape[0]
+
+    def combine(g):
+        g = jnp.asarray(g)
+        f = fractions.reshape((G,) + (1,) * (g.ndim - 1)).astype(g.dtype)
+        mean = jnp.sum(f * g, axis=0)
+        var = G / (G - 1) * jnp.sum(f**2 * (g - mean) ** 2, axis=0) if G > 1 else jnp.full_like(mean, jnp.nan)
+        return mean, jnp.sqrt(var)
+
+    pairs = jax.tree.map(combine, group_means)
+    mean = jax.tree.map(lambda _, p: p[0], group_means, pairs)
+    stderr = jax.tree.map(lambda _, p: p[1], group_means, pairs)
+    return mean, stderr
 
 
 def pathwise_gradient(problem: Problem, theta: PyTree, *, key: jax.Array, n: int) -> Estimate:
