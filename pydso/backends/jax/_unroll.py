@@ -39,9 +39,15 @@ def _reduce_sum(x, max_terms, *, axes, **_):
     size = math.prod(x.shape[a] for a in axes)
     if size == 0 or size > max_terms or len(axes) == x.ndim:  # full reductions stay (nothing to fuse with)
         return None
-    keep = [i for i in range(x.ndim) if i not in axes]
-    xt = jnp.transpose(x, axes + tuple(keep)).reshape((size,) + tuple(x.shape[i] for i in keep))
-    return _sum_terms([xt[k] for k in range(size)])
+    return _sum_terms([_index(x, axes, idx) for idx in np.ndindex(*(x.shape[a] for a in axes))])
+
+
+def _index(x, axes, idx):
+    """``x`` at position ``idx`` of its ``axes`` (those axes dropped, the others kept in order): plain slices of the
+    original layout, so that the reverse pass pads rows back into it instead of materialising a transposed copy."""
+    for axis, i in sorted(zip(axes, idx, strict=True), reverse=True):
+        x = jax.lax.index_in_dim(x, int(i), axis, keepdims=False)
+    return x
 
 
 def _dot_general(lhs, rhs, max_terms, *, dimension_numbers, preferred_element_type=None, **_):
@@ -54,12 +60,18 @@ def _dot_general(lhs, rhs, max_terms, *, dimension_numbers, preferred_element_ty
     rf = [i for i in range(rhs.ndim) if i not in rc + rb]
     bshape = tuple(lhs.shape[i] for i in lb)
     lfs, rfs = tuple(lhs.shape[i] for i in lf), tuple(rhs.shape[i] for i in rf)
-    # lhs -> (batch, lhs free, 1 per rhs free, k), rhs -> (batch, 1 per lhs free, rhs free, k)
-    L = jnp.transpose(lhs, lb + tuple(lf) + lc).reshape(bshape + lfs + (1,) * len(rfs) + (k,))
-    R = jnp.transpose(rhs, rb + tuple(rf) + rc).reshape(bshape + (1,) * len(lfs) + rfs + (k,))
+    # after indexing the contracted axes, the kept axes of each operand, in their original order
+    l_kept = [i for i in range(lhs.ndim) if i not in lc]
+    r_kept = [i for i in range(rhs.ndim) if i not in rc]
+    l_perm = [l_kept.index(i) for i in lb + tuple(lf)]
+    r_perm = [r_kept.index(i) for i in rb + tuple(rf)]
     dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-    out = _sum_terms([L[..., j].astype(dtype) * R[..., j].astype(dtype) for j in range(k)])
-    return jnp.broadcast_to(out, bshape + lfs + rfs)
+    terms = []
+    for idx in np.ndindex(*(lhs.shape[i] for i in lc)):
+        Lj = jnp.transpose(_index(lhs, lc, idx), l_perm).reshape(bshape + lfs + (1,) * len(rfs))
+        Rj = jnp.transpose(_index(rhs, rc, idx), r_perm).reshape(bshape + (1,) * len(lfs) + rfs)
+        terms.append(Lj.astype(dtype) * Rj.astype(dtype))
+    return jnp.broadcast_to(_sum_terms(terms), bshape + lfs + rfs)
 
 
 def _eval(jaxpr, consts, args, max_terms):
