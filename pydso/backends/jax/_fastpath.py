@@ -15,9 +15,10 @@ Public (exported from :mod:`pydso.backends.jax`):
   an augmented state component, and optional driving inputs (zero-order hold or linear interpolation).
 * :func:`euler_maruyama_ensemble` — Euler–Maruyama for diagonal-noise Itô SDEs (own Gaussian increments).
 
-:func:`fixed_step_scan` and :func:`euler_maruyama_scan` are the same kernels returning the time-major
-struct-of-arrays outputs (``(n_save, d, N)``) that :class:`~pydso.backends.JaxBackend` post-processes without
-leaving that layout; they are internal to the backend.
+:func:`fixed_step_scan` and :func:`euler_maruyama_scan` are the same kernels with the output layout as an option:
+time-major struct-of-arrays ``(n_save, d, N)``, or episode-major ``(N, n_save + 1, d)`` written once, in blocks
+that are transposed in cache (:func:`~pydso.backends.jax._scan.episode_major_scan`), which the ensembles and
+:class:`~pydso.backends.JaxBackend` use; they are internal to the backend.
 
 Gradients are reverse-mode through the scan (discretise-then-optimise, the same discrete gradient as diffrax's
 ``RecursiveCheckpointAdjoint``). ``checkpoints=k`` runs the horizon as ``k`` segments of
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 from ..._checks import check_positive_int
 from ..._errors import ProblemError
 from ..._typing import PyTree
-from ._scan import checkpointed_scan
+from ._scan import checkpointed_scan, episode_major_scan
 from ._solvers import tableau_of
 from ._unroll import unroll_small_contractions
 
@@ -184,13 +185,17 @@ def fixed_step_scan(
     input_interpolation: str = "zoh",
     finite_flags: bool = False,
     cost_time: bool = False,
+    episode_major: bool = False,
 ):
     """:func:`fixed_step_ensemble` without the final re-layout: returns ``(xs, cs)`` with ``xs`` the saved states
     after ``x0``, time-major, ``(n_save, d, N)`` for ``layout="soa"`` or ``(n_save, N, d)`` for ``"aos"``, and
     ``cs`` of shape ``(n_save, N)`` (None without a cost). With ``finite_flags=True``, ``(xs, cs, ok)`` where ``ok``
     (shape ``(N,)``) says whether every saved state of a trajectory (``x0`` included) is finite, tracked in the scan's
     carry at no extra pass over the states. With ``cost_time=True`` the cost receives the time first,
-    ``cost(t, x, theta)`` (``cost(t, x, u, theta)`` with inputs), evaluated at each Runge–Kutta stage's time."""
+    ``cost(t, x, theta)`` (``cost(t, x, u, theta)`` with inputs), evaluated at each Runge–Kutta stage's time.
+    With ``episode_major=True`` (struct-of-arrays layout only) the outputs come episode-major instead, written once
+    in blocks by :func:`~pydso.backends.jax._scan.episode_major_scan`: ``xs`` of shape ``(N, n_save + 1, d)``
+    *including* ``x0`` and ``cs`` of shape ``(N, n_save)``."""
     n_steps, save_every = _check_steps(n_steps, save_every)
     a, b, c = tableau_of(diffrax.Tsit5() if solver is None else solver)
     if layout not in ("soa", "aos"):
@@ -262,14 +267,29 @@ def fixed_step_scan(
     outer_ck, inner_ck = _split_checkpoints(checkpoints, n_save)
     x_init = x0.T if layout == "soa" else x0
     ok0 = _rows_finite(x_init, axis) if finite_flags else None
-    (_, _, ok), (xs, cs) = checkpointed_scan(
-        interval, (x_init, jnp.asarray(0, jnp.int32), ok0), us, length=n_save, checkpoints=outer_ck
-    )
+    init = (x_init, jnp.asarray(0, jnp.int32), ok0)
+    if episode_major and layout != "soa":
+        raise ProblemError("episode_major=True needs layout='soa'")
+    xs, cs, ok = _scan_outputs(interval, init, us, n_save, outer_ck, x0 if episode_major else None)
     if pad:
-        xs = xs[:, :, :N] if layout == "soa" else xs[:, :N]
-        cs = None if cs is None else cs[:, :N]
+        xs = xs[:N] if episode_major else (xs[:, :, :N] if layout == "soa" else xs[:, :N])
+        cs = None if cs is None else (cs[:N] if episode_major else cs[:, :N])
         ok = None if ok is None else ok[:N]
     return (xs, cs, ok) if finite_flags else (xs, cs)
+
+
+def _scan_outputs(interval, init, us, n_save, outer_ck, first):
+    """Run ``interval`` over the save intervals: time-major ``(xs (n_save, d, N), extras (n_save, N))`` when
+    ``first`` is None, else episode-major ``(states (N, n_save + 1, d) from first, extras (N, n_save))``; with the
+    final finiteness flags. Segment checkpoints take the time-major scan (then transposed once)."""
+    if first is None or outer_ck is not None:
+        (_, _, ok), (xs, ex) = checkpointed_scan(interval, init, us, length=n_save, checkpoints=outer_ck)
+        if first is None:
+            return xs, ex, ok
+        states = jnp.transpose(jnp.concatenate([first.T[None].astype(xs.dtype), xs], axis=0), (2, 0, 1))
+        return states, jax.tree.map(lambda e: e.T, ex), ok
+    (_, _, ok), states, ex = episode_major_scan(interval, init, us, n_save, first=first)
+    return states, ex, ok
 
 
 def fixed_step_ensemble(
@@ -350,12 +370,11 @@ def fixed_step_ensemble(
         layout=layout,
         inputs=inputs,
         input_interpolation=input_interpolation,
+        episode_major=layout == "soa",  # written once, episode-major, in blocks
     )
-    # one copy into the (N, n_save + 1, d) layout: join x0 in the scan's layout, then transpose
     if layout == "soa":
-        states = jnp.transpose(jnp.concatenate([x0.T[None], xs], axis=0), (2, 0, 1))
-    else:
-        states = jnp.transpose(jnp.concatenate([x0[None], xs], axis=0), (1, 0, 2))
+        return xs, cs
+    states = jnp.transpose(jnp.concatenate([x0[None], xs], axis=0), (1, 0, 2))
     return states, (None if cs is None else cs.T)
 
 
@@ -375,11 +394,16 @@ def euler_maruyama_scan(
     checkpoints: int | None = None,
     finite_flags: bool = False,
     cost_time: bool = False,
+    episode_major: bool = False,
+    log_prob: Callable | None = None,
 ):
     """:func:`euler_maruyama_ensemble` without the final re-layout: returns ``(xs (n_save, d, N), cs (n_save, N) or
     None)``, the saved states after ``x0`` time-major in struct-of-arrays layout, and with ``finite_flags=True`` the
     per-trajectory flags ``ok (N,)`` of :func:`fixed_step_scan`. With ``cost_time=True`` the cost is
-    ``cost(t, x, theta)``."""
+    ``cost(t, x, theta)``. With ``episode_major=True`` the outputs are episode-major as in :func:`fixed_step_scan`.
+    ``log_prob(t, x, x_next, theta)`` (one transition, e.g. :meth:`pydso.SDESystem.log_prob`), if given, is
+    evaluated inside the kernel on every step (states behind ``stop_gradient``: a score, not a pathwise term), summed
+    over each save interval, and returned as ``cs = (costs or None, log_probs)``."""
     n_steps, save_every = _check_steps(n_steps, save_every)
     x0 = _check_x0(x0)
     N, d = x0.shape
@@ -394,6 +418,7 @@ def euler_maruyama_scan(
         cost_x = cost
         cost = lambda t, x, th: cost_x(x, th)  # noqa: E731
     L_b = None if cost is None else _batched(cost, (None, 1, None), 0)
+    lp_b = None if log_prob is None else _batched(log_prob, (None, 1, 1, None), 0)
     dt = jnp.asarray(dt, dtype)
     t0 = jnp.asarray(t0, dtype)
     sqdt = jnp.sqrt(dt)
@@ -418,29 +443,33 @@ def euler_maruyama_scan(
         return jax.random.normal(jax.random.fold_in(key, n), (d, N), dtype)
 
     def em_step(y, n, aux):
-        x, c = y
+        x, c, lp = y
         tn = t0 + n.astype(dt.dtype) * dt
         xi = noise(n)
         x1 = x + f_b(tn, x, theta) * dt + g_b(tn, x, theta) * (sqdt * xi)
         c1 = None if L_b is None else c + L_b(tn, x, theta).astype(dtype) * dt
-        return x1, c1
+        if lp_b is not None:
+            x_sg, x1_sg = jax.lax.stop_gradient(x), jax.lax.stop_gradient(x1)
+            lp = lp + lp_b(tn, x_sg, x1_sg, theta).astype(dtype)
+        return x1, c1, lp
 
     def interval(carry, _):
         x, n, ok = carry
-        y = (x, None if L_b is None else jnp.zeros((N,), dtype))
-        x1, c1 = _run_steps(em_step, y, n, save_every, None, inner_ck)
+        zeros = jnp.zeros((N,), dtype)
+        y = (x, None if L_b is None else zeros, None if lp_b is None else zeros)
+        x1, c1, lp1 = _run_steps(em_step, y, n, save_every, None, inner_ck)
         ok = None if ok is None else ok & _rows_finite(x1, 1)
-        return (x1, n + save_every, ok), (x1, c1)
+        return (x1, n + save_every, ok), (x1, c1 if lp_b is None else (c1, lp1))
 
     n_save = n_steps // save_every
     outer_ck, inner_ck = _split_checkpoints(checkpoints, n_save)
     ok0 = _rows_finite(x0.T, 1) if finite_flags else None
-    (_, _, ok), (xs, cs) = checkpointed_scan(
-        interval, (x0.T, jnp.asarray(0, jnp.int32), ok0), None, length=n_save, checkpoints=outer_ck
-    )
+    init = (x0.T, jnp.asarray(0, jnp.int32), ok0)
+    xs, cs, ok = _scan_outputs(interval, init, None, n_save, outer_ck, x0 if episode_major else None)
     if pad:
-        xs, ok = xs[:, :, :N_out], (None if ok is None else ok[:N_out])
-        cs = None if cs is None else cs[:, :N_out]
+        xs = xs[:N_out] if episode_major else xs[:, :, :N_out]
+        ok = None if ok is None else ok[:N_out]
+        cs = jax.tree.map(lambda e: e[:N_out] if episode_major else e[:, :N_out], cs)
     return (xs, cs, ok) if finite_flags else (xs, cs)
 
 
@@ -502,6 +531,6 @@ def euler_maruyama_ensemble(
         save_every=save_every,
         t0=t0,
         checkpoints=checkpoints,
+        episode_major=True,
     )
-    states = jnp.transpose(jnp.concatenate([x0.T[None], xs], axis=0), (2, 0, 1))
-    return states, (None if cs is None else cs.T)
+    return xs, cs

@@ -2,9 +2,9 @@ r"""The JAX backend's simulation of a chunk of episodes: the integrator choice a
 
 * **fast path** — fixed-step explicit Runge–Kutta ODEs and Euler–Maruyama SDEs with vector states run the *whole
   chunk* as one struct-of-arrays kernel (:mod:`._fastpath`): initial states ``(n, d)``, one ``lax.scan`` over time
-  whose state is ``(d, n)``, running costs integrated inside the kernel, terminal costs and SDE transition
-  log-densities evaluated on the time-major ``(H, d, n)`` output, and a single transpose to the
-  ``(n, H+1, d)`` layout of :class:`~pydso.backends.EpisodeBatch` at the end;
+  whose state is ``(d, n)``, running costs and SDE transition log-densities computed inside the kernel, the
+  outputs written once, episode-major, in cache-sized blocks (:func:`~._scan.episode_major_scan`), and the
+  terminal cost evaluated on the final ``(d, n)`` state;
 * **diffrax** — the reference path: ``jax.vmap`` over episodes of :func:`diffrax.diffeqsolve` with the system's
   solver, step-size controller and adjoint (adaptive, implicit, continuous adjoints, non-vector states);
 * **chains** — discrete-time chains: ``jax.vmap`` over episodes of one :func:`checkpointed_scan` over time.
@@ -103,49 +103,28 @@ def _fastpath_batch(problem: Problem, theta, keys, checkpoints) -> EpisodeBatch:
     system = problem.system
     horizon = problem.setting.horizon
     n = keys.shape[0]
+    common = dict(
+        n_steps=horizon,
+        dt=system.dt,
+        cost=problem.running_cost,
+        checkpoints=checkpoints,
+        finite_flags=True,
+        cost_time=True,
+        episode_major=True,
+    )
     if isinstance(system, SDESystem):
         k0, k_bm = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
         x0 = jax.vmap(problem.initial.sample)(k0)
-        xs, cs, finite = euler_maruyama_scan(
-            system.drift,
-            system.diffusion,
-            x0,
-            theta,
-            dt=system.dt,
-            n_steps=horizon,
-            key=k_bm,
-            cost=problem.running_cost,
-            checkpoints=checkpoints,
-            finite_flags=True,
-            cost_time=True,
+        states, (cs, lps), finite = euler_maruyama_scan(
+            system.drift, system.diffusion, x0, theta, key=k_bm, log_prob=system.log_prob, **common
         )
     else:
         x0 = jax.vmap(problem.initial.sample)(keys)
-        xs, cs, finite = fixed_step_scan(
-            system.vector_field,
-            x0,
-            theta,
-            dt=system.dt,
-            n_steps=horizon,
-            solver=system.solver,
-            cost=problem.running_cost,
-            checkpoints=checkpoints,
-            finite_flags=True,
-            cost_time=True,
-        )
-    dtype = xs.dtype
-    soa = jnp.concatenate([x0.T[None], xs], axis=0)  # (H+1, d, n): every post-processing step stays in this layout
-    if isinstance(system, SDESystem):
-        ts = jnp.arange(horizon, dtype=dtype) * system.dt
-        x_prev, x_next = jax.lax.stop_gradient(soa[:-1]), jax.lax.stop_gradient(soa[1:])
-        lp_one = jax.vmap(system.log_prob, in_axes=(None, 1, 1, None))  # over episodes
-        lp_all = unroll_small_contractions(jax.vmap(lp_one, in_axes=(0, 0, 0, None)))  # over time
-        lps = lp_all(ts, x_prev, x_next, theta).T  # (n, H)
-    else:
-        lps = jnp.zeros((n, horizon), dtype)
-    tc, tw = _terminal(problem, horizon * system.dt, soa[-1], theta, n, dtype)
-    states = jnp.transpose(soa, (2, 0, 1))
-    return EpisodeBatch(states, cs.T, lps.astype(dtype), jnp.ones((n, horizon + 1), bool), tc, tw, finite)
+        states, cs, finite = fixed_step_scan(system.vector_field, x0, theta, solver=system.solver, **common)
+        lps = jnp.zeros((n, horizon), states.dtype)
+    dtype = states.dtype
+    tc, tw = _terminal(problem, horizon * system.dt, states[:, -1].T, theta, n, dtype)
+    return EpisodeBatch(states, cs, lps.astype(dtype), jnp.ones((n, horizon + 1), bool), tc, tw, finite)
 
 
 # ------------------------------------------------------------------------------------------- chains
