@@ -42,7 +42,8 @@ class Trajectories(eqx.Module):
 
     **Attributes:**
 
-    - ``states``: ``(n, H+1, *state_shape)``; frozen after absorption in a terminal set.
+    - ``states``: ``(n, H+1, *state_shape)``; frozen after absorption in a terminal set. None when the rollout
+      was asked for the costs only (:func:`rollout` with ``save="costs"``).
     - ``costs``: ``(n, H)`` step costs :math:`L(x_t,\theta)` (interval integrals for ODE/SDE), zero after absorption.
     - ``terminal_costs``: ``(n,)`` :math:`\Phi` at the episode's last state (0 without a terminal cost).
     - ``log_probs``: ``(n, H)`` :math:`\log P(x_{t+1}\mid x_t,\theta)`, zero after absorption or without a density.
@@ -61,7 +62,7 @@ class Trajectories(eqx.Module):
 
     @property
     def n_episodes(self) -> int:
-        return self.states.shape[0]
+        return self.costs.shape[0]
 
     @property
     def horizon(self) -> int:
@@ -102,25 +103,43 @@ def rollout_chunk(problem: Problem, theta: PyTree, keys: jax.Array, backend: "st
     return _trajectories(problem, get_backend(backend).simulate(problem, theta, keys))
 
 
-def _trajectories(problem: Problem, b: EpisodeBatch) -> Trajectories:
+def _trajectories(problem: Problem, b: EpisodeBatch, save: str = "all") -> Trajectories:
     w, _ = problem.setting.weights()
     return Trajectories(
-        b.states, b.costs, b.terminal_costs, b.log_probs, b.alive, jnp.asarray(w, b.costs.dtype), b.terminal_weights
+        b.states if save == "all" else None,
+        b.costs,
+        b.terminal_costs,
+        b.log_probs,
+        b.alive,
+        jnp.asarray(w, b.costs.dtype),
+        b.terminal_weights,
     )
 
 
 @eqx.filter_jit
-def _rollout_chunk_checked(problem: Problem, theta: PyTree, keys: jax.Array, backend: AbstractBackend):
+def _rollout_chunk_checked(
+    problem: Problem, theta: PyTree, keys: jax.Array, backend: AbstractBackend, save: str = "all"
+):
     """:func:`rollout_chunk` plus, per episode, whether all its states are finite: tracked by the backend during the
     solve where it can (:attr:`EpisodeBatch.finite`), else one compiled pass over the states (not a NumPy pass on
-    the host)."""
+    the host). With ``save="costs"`` the states are not returned, so XLA never writes them (on the fast path they
+    exist only as the kernel's carry)."""
     b = backend.simulate(problem, theta, keys)
     finite = b.finite
     if finite is None:
         finite = jnp.all(jnp.isfinite(b.states).reshape(b.states.shape[0], -1), axis=1)
     if problem.system.has_log_prob:  # a non-finite log-density flags a bad noise scale or transition matrix
         finite = finite & jnp.all(jnp.isfinite(b.log_probs), axis=1)
-    return _trajectories(problem, b), finite
+    return _trajectories(problem, b, save), finite
+
+
+@eqx.filter_jit
+def _rollout_chunk_costs(problem: Problem, theta: PyTree, keys: jax.Array, backend: AbstractBackend):
+    """:func:`rollout_chunk` without the states (``save="costs"``, ``check=False``)."""
+    return _trajectories(problem, backend.simulate(problem, theta, keys), "costs")
+
+
+_SAVE = ("all", "costs")
 
 
 def rollout(
@@ -134,6 +153,7 @@ def rollout(
     progress: bool | None = None,
     check: bool = True,
     record: "str | os.PathLike | None" = None,
+    save: str = "all",
 ):
     r"""Simulate ``n`` independent episodes of ``problem`` under parameters ``theta``.
 
@@ -156,6 +176,12 @@ def rollout(
       Chunks go to a hidden staging store first; only a complete recording is committed (renamed into
       place, or appended to an existing store as one atomic part), so a divergence or an interruption
       leaves the store exactly as it was.
+    - ``save``: what is kept. ``"all"`` (default): every state, step cost, log-density and alive flag.
+      ``"costs"``: everything but the states (``states`` is None), for objective estimates: the compiled rollout
+      then never writes the ``(n, H+1, d)`` state array, which on the fixed-step fast path is most of its memory
+      traffic (see ``benchmarks/bench_user_jobs.py``). Divergences are still detected (the kernel tracks
+      finiteness in its carry) and named by re-simulating the offending chunk with its states. Not with
+      ``record`` (a store holds the states).
 
     **Returns:**
 
@@ -164,6 +190,10 @@ def rollout(
     """
     key = check_key(key)
     n = check_positive_int(n, "n")
+    if save not in _SAVE:
+        raise ProblemError(f"save must be one of {_SAVE}, got {save!r}")
+    if save == "costs" and record is not None:
+        raise ProblemError("save='costs' drops the states, which record= must store; use save='all' with record")
     problem.check_theta(theta)
     backend = get_backend(backend)
     backend.check(problem)
@@ -188,14 +218,19 @@ def rollout(
             if pad:
                 k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (pad,))])
             if check:
-                piece, finite = _rollout_chunk_checked(problem, theta, shard_episodes(k), backend)
+                piece, finite = _rollout_chunk_checked(problem, theta, shard_episodes(k), backend, save)
+            elif save == "costs":
+                piece = _rollout_chunk_costs(problem, theta, shard_episodes(k), backend)
             else:
                 piece = rollout_chunk(problem, theta, shard_episodes(k), backend)
             if pad:
                 piece = _take(piece, slice(0, chunk - pad))
             if check and not bool(np.all(np.asarray(finite)[: chunk - pad])):
-                _check_finite_states(piece, offset=i * chunk, n=n)
-                check_log_densities(problem, theta, piece, offset=i * chunk)
+                full = piece
+                if save == "costs":  # name the step: the same chunk again, with its states (only on failure)
+                    full = _take(_rollout_chunk_checked(problem, theta, k, backend)[0], slice(0, chunk - pad))
+                _check_finite_states(full, offset=i * chunk, n=n)
+                check_log_densities(problem, theta, full, offset=i * chunk)
             if staging is not None:
                 _record(piece, problem, theta, staging)
             else:

@@ -404,3 +404,65 @@ def test_recording_is_all_or_nothing_when_a_later_chunk_diverges(tmp_path):
     after = pydso.data.open(path)
     np.testing.assert_array_equal(after["state"].values, before)
     assert [p.name for p in tmp_path.iterdir()] == ["log.zarr"]  # no staging left behind
+
+
+def _ou_sde_problem():
+    return pydso.Problem(
+        pydso.SDESystem(lambda t, x, th: -th * x, lambda t, x, th: 0.3, dt=0.05),
+        lambda x, th: x @ x,
+        pydso.Episodic(0.95, 40),
+        pydso.Normal(jnp.ones(2), 0.5),
+    )
+
+
+@pytest.mark.parametrize("kind", ["ode_fastpath", "ode_diffrax", "sde", "chain_with_exit"])
+def test_save_costs_keeps_everything_but_the_states(kind):
+    import diffrax
+
+    if kind.startswith("ode"):
+        problem, theta = _lorenz_problem(diffrax.Tsit5(), horizon=50), jnp.array([10.0, 28.0, 8.0 / 3.0])
+    elif kind == "sde":
+        problem, theta = _ou_sde_problem(), jnp.asarray(1.5)
+    else:
+        problem = pydso.Problem(
+            pydso.GaussianChain(lambda x, th: x + th, 0.3),
+            lambda x, th: 1.0 + x[0] ** 2,
+            pydso.Episodic(0.9, 30, terminal=lambda x: x[0] >= 2.0),
+            pydso.Normal(jnp.zeros(1), 0.2),
+            terminal_cost=lambda x, th: 5.0 * x[0],
+        )
+        theta = jnp.asarray(0.2)
+    backend = DIFFRAX if kind == "ode_diffrax" else None
+    full = pydso.rollout(problem, theta, key=KEY, n=7, backend=backend)
+    for check in (True, False):
+        lean = pydso.rollout(problem, theta, key=KEY, n=7, backend=backend, save="costs", check=check, chunk_size=3)
+        assert lean.states is None and lean.n_episodes == 7
+        for name in ("costs", "terminal_costs", "log_probs", "alive", "terminal_weights", "objective"):
+            a, b = np.asarray(getattr(full, name)), np.asarray(getattr(lean, name))
+            np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-300, err_msg=name)
+    if kind == "chain_with_exit":
+        assert not np.asarray(full.alive).all()  # the exit really happened
+
+
+def test_save_costs_still_names_the_diverging_episode_and_step():
+    problem = pydso.Problem(
+        pydso.ODESystem(lambda t, x, th: x**2, dt=0.01, solver=pydso.backends.jax.RK4()),
+        lambda x, th: jnp.sum(x),
+        pydso.FiniteHorizon(100),
+        pydso.Empirical(jnp.array([[0.5], [0.6], [3.0], [0.2]])),
+    )
+    with pytest.raises(pydso.DivergenceError) as full:
+        pydso.rollout(problem, 0.0, key=KEY, n=6)
+    with pytest.raises(pydso.DivergenceError) as lean:
+        pydso.rollout(problem, 0.0, key=KEY, n=6, save="costs", chunk_size=4)
+    assert str(lean.value).split(" (")[0] == str(full.value).split(" (")[0]
+    assert "at step" in str(lean.value)
+
+
+def test_save_rejects_unknown_values_and_record(tmp_path):
+    problem = double_integrator().problem()
+    with pytest.raises(pydso.ProblemError, match="save must be one of"):
+        pydso.rollout(problem, jnp.ones((1, 2)), key=KEY, n=2, save="states")
+    with pytest.raises(pydso.ProblemError, match="save='costs' drops the states"):
+        pydso.rollout(problem, jnp.ones((1, 2)), key=KEY, n=2, save="costs", record=tmp_path / "s.zarr")
+    assert not (tmp_path / "s.zarr").exists()
