@@ -229,3 +229,65 @@ def test_estimators_are_traceable_under_jit_and_equal_the_eager_estimate():
     for estimate in (pydso.pathwise_gradient, pydso.score_gradient):
         jitted = jax.jit(lambda t, k, estimate=estimate: estimate(problem, t, key=k, n=8).gradient)(theta, key)
         assert_tree_allclose(jitted, estimate(problem, theta, key=key, n=8).gradient, rtol=1e-9, atol=1e-12)
+
+
+def _lorenz_with_terminal_cost(adjoint=None):
+    import diffrax
+
+    def field(t, x, th):
+        return jnp.array([th[0] * (x[1] - x[0]), x[0] * (th[1] - x[2]) - x[1], x[0] * x[1] - th[2] * x[2]])
+
+    system = pydso.ODESystem(
+        field, dt=0.01, solver=diffrax.Tsit5(), adjoint=adjoint or diffrax.RecursiveCheckpointAdjoint()
+    )
+    return pydso.Problem(
+        system,
+        lambda x, th: x @ x,
+        pydso.FiniteHorizon(40),
+        pydso.Normal(jnp.ones(3), 1.0),
+        terminal_cost=lambda x, th: x[2] + 0.1 * th[0] * x[0],
+    )
+
+
+@pytest.mark.parametrize("kind", ["lqr_chain", "ode_fastpath", "ode_diffrax_forward_adjoint", "sde"])
+def test_forward_mode_pathwise_equals_reverse_mode_per_episode(kind):
+    # Forward mode gives every episode's gradient: its mean and per-episode standard error must equal reverse mode
+    # with one group per episode, to rounding.
+    import diffrax
+
+    backend, reference = None, None
+    if kind == "lqr_chain":
+        problem, theta = LQR.problem(), K_TEST
+    elif kind == "sde":
+        problem = pydso.Problem(
+            pydso.SDESystem(lambda t, x, a: -a * x, lambda t, x, a: 0.3 * jnp.ones_like(x), dt=0.02),
+            lambda x, a: jnp.sum(x**2) + 0.1 * a**2,
+            pydso.FiniteHorizon(50),
+            pydso.Normal(jnp.ones(2), 0.1),
+        )
+        theta = jnp.asarray(1.5)
+    else:
+        theta = jnp.array([10.0, 28.0, 8.0 / 3.0])
+        if kind == "ode_fastpath":
+            problem = _lorenz_with_terminal_cost()
+        else:
+            problem = _lorenz_with_terminal_cost(diffrax.ForwardMode())
+            reference = _lorenz_with_terminal_cost()  # the same solve with a reverse-mode adjoint
+            backend = pydso.backends.JaxBackend(integrator="diffrax")
+    n, key = 12, jax.random.key(3)
+    rev = pydso.Pathwise(groups=n, backend=backend).estimate(reference or problem, theta, key=key, n=n)
+    fwd = pydso.Pathwise(mode="forward", backend=backend).estimate(problem, theta, key=key, n=n)
+    assert_tree_allclose(fwd.gradient, rev.gradient, rtol=1e-10)
+    assert_tree_allclose(fwd.stderr, rev.stderr, rtol=1e-8)
+    np.testing.assert_allclose(float(fwd.objective), float(rev.objective), rtol=1e-12)
+    np.testing.assert_allclose(float(fwd.objective_stderr), float(rev.objective_stderr), rtol=1e-10)
+
+
+def test_forward_mode_pathwise_names_the_adjoint_that_cannot_do_it():
+    backend = pydso.backends.JaxBackend(integrator="diffrax")
+    with pytest.raises(pydso.ProblemError, match=r"adjoint=diffrax.ForwardMode\(\)"):
+        pydso.Pathwise(mode="forward", backend=backend).estimate(
+            _lorenz_with_terminal_cost(), jnp.array([10.0, 28.0, 8.0 / 3.0]), key=jax.random.key(0), n=2
+        )
+    with pytest.raises(pydso.ProblemError, match="Pathwise.mode must be"):
+        pydso.Pathwise(mode="sideways")
