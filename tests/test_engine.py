@@ -238,7 +238,8 @@ def test_pathwise_two_groups_equal_per_episode_gradients():
 
 def test_pathwise_default_groups_follow_the_backend():
     # The default is the backend's choice: per-episode gradients (exact per-episode stderr) where episodes are
-    # simulated one by one (chains, diffrax), 32 batch-means groups on the whole-ensemble fast path.
+    # simulated one by one (chains, diffrax) up to 64 episodes, 32 batch-means groups on the whole-ensemble fast path
+    # and for more than 64 episodes.
     chain = double_integrator(horizon=15).problem()
     k = jnp.array([[1.0, 1.5]])
     default = pydso.Pathwise().estimate(chain, k, key=KEY, n=40)
@@ -246,8 +247,9 @@ def test_pathwise_default_groups_follow_the_backend():
     np.testing.assert_array_equal(np.asarray(default.stderr), np.asarray(per_episode.stderr))
     ode = _lorenz_problem(pydso.backends.jax.RK4(), horizon=10)
     backend = pydso.backends.JaxBackend()
-    assert backend.gradient_groups(ode, 100) == 32 and backend.gradient_groups(chain, 100) == 100
-    assert pydso.backends.JaxBackend(integrator="diffrax").gradient_groups(ode, 100) == 100
+    assert backend.gradient_groups(ode, 60) == 32 and backend.gradient_groups(chain, 60) == 60
+    assert pydso.backends.JaxBackend(integrator="diffrax").gradient_groups(ode, 64) == 64
+    assert backend.gradient_groups(chain, 65) == 32 and backend.gradient_groups(ode, 100) == 32
 
 
 @pytest.mark.parametrize("kind", ["ode", "sde"])

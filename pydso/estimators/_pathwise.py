@@ -49,7 +49,8 @@ class Pathwise(AbstractEstimator):
       memory grows like ``k + H/k`` instead of ``H`` (long horizons); the gradient is unchanged.
     - `backend`: the simulation backend (name or instance, default ``"jax"``).
     - `groups`: the number of batch-means groups (at most ``n``). Default: the backend's choice
-      (:meth:`~pydso.backends.AbstractBackend.gradient_groups`): 32 on the JAX fast path, one per episode otherwise.
+      (:meth:`~pydso.backends.AbstractBackend.gradient_groups`): 32 on the JAX fast path and for more than 64
+      episodes, one per episode otherwise.
     - `mode`: ``"reverse"`` (default; the above) or ``"forward"``: the Jacobian of the per-episode objectives
       :math:`\partial \hat J_i / \partial\theta` by forward-mode autodiff (:func:`jax.jacfwd`, one tangent per
       parameter, carried through the time scan beside the state). That gives every episode's gradient in one pass
