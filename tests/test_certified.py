@@ -4,6 +4,7 @@ checked against pydso.exact on a tabular chain over 100 seeded logs."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -112,3 +113,25 @@ def test_ess_budget_stops_and_bad_input():
         certified_improve(
             problem, theta_b, pydso.rollout(problem, theta_b, key=jax.random.key(0), n=3), key=jax.random.key(0)
         )
+
+
+@pytest.mark.parametrize("bound", [pydso.optimize.BootstrapBound(resamples=200), pydso.optimize.StudentTBound()])
+def test_bounds_refuse_when_every_importance_weight_underflows(bound):
+    # x' = theta + 0.1 eps logged at theta_b = 0 and judged at theta = 1 (50 noise scales away): the cumulative
+    # log-ratios fall below -745 within a few steps, so every episode's weight is exactly 0 there. The log then
+    # says nothing about J(1) (which is far worse: J(0) - J(1) = -39); the bound must not certify it.
+    from pydso.estimators import as_batch
+    from pydso.optimize import episode_terms
+
+    problem = pydso.Problem(
+        pydso.GaussianChain(lambda x, th: jnp.broadcast_to(th, x.shape), 0.1),
+        lambda x, th: jnp.sum(x**2),
+        pydso.Episodic(1.0, 40),
+        pydso.Normal(jnp.zeros(1), 0.1),
+    )
+    batch = as_batch(pydso.rollout(problem, jnp.asarray(0.0), key=jax.random.key(0), n=200), problem)
+    ref, new = episode_terms(problem, jnp.asarray(0.0), batch), episode_terms(problem, jnp.asarray(1.0), batch)
+    assert not np.asarray(new[0]).any(axis=0).all()  # the underflow really happens
+    with pytest.warns(UserWarning, match="importance weight zero"):
+        lower, _ = bound.lower(ref, new, 0.05, key=jax.random.key(2))
+    assert lower == -np.inf

@@ -44,6 +44,7 @@ def test_model_based_improvement_on_a_linear_plant():
     r = model_based_improve(
         log, K_b, key=jax.random.key(1), model=model, make_problem=make_problem,
         policy_input=lambda x, K: -(K @ x), fit_options={"fixed": ["B"]}, steps=30, method=method, eval_episodes=200,
+        budget=pydso.optimize.ESSBudget(ess_min=5.0, ess_fraction=0.05),  # ESS ~8 of 100 here
     )  # fmt: skip
     # the plant is identified from the logged transitions (2000 of them, noise 0.1); B is known (grey box): under
     # a linear feedback u = -K x without input excitation only A - B K is identifiable from closed-loop data
@@ -56,9 +57,26 @@ def test_model_based_improvement_on_a_linear_plant():
     assert J_new < J_b - 0.5
     assert r.model_objective[1] < r.model_objective[0]
     # the off-policy check on the log agrees: certified, bound below the true improvement, estimate near it
-    assert r.check["certified"]
+    assert r.check["certified"] and r.check["ess"] >= r.check["ess_floor"] == 5.0
     assert r.check["lower_bound"] < J_b - J_new
     assert r.check["estimate"] == pytest.approx(J_b - J_new, rel=0.5)
     assert 1.0 <= r.check["ess"] <= 100 and r.check["ess_behaviour"] > 75
     with pytest.raises(pydso.ProblemError, match="policy_input"):
         model_based_improve(log, K_b, key=jax.random.key(1), model=model, make_problem=make_problem)
+
+
+def test_the_check_is_not_certified_below_the_ess_floor():
+    true = make_problem({"A": A, "B": B})
+    K_b = jnp.array([0.3, 0.4])
+    log = pdata.to_dataset(pydso.rollout(true, K_b, key=jax.random.key(0), n=100), true, K_b)
+    model = sysid.DiscreteModel(
+        lambda x, u, p: p["A"] @ x + p["B"] * u[0], None, {"A": np.eye(2), "B": B}, x0=[0.0, 0.0]
+    )
+    method = pydso.Gradient(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)))
+    r = model_based_improve(
+        log, K_b, key=jax.random.key(1), model=model, make_problem=make_problem,
+        policy_input=lambda x, K: -(K @ x), fit_options={"fixed": ["B"]}, steps=30, method=method, eval_episodes=50,
+        budget=pydso.optimize.ESSBudget(ess_min=50.0),
+    )  # fmt: skip
+    assert r.check["lower_bound"] > 0 and r.check["ess"] < 50.0 == r.check["ess_floor"]
+    assert not r.check["certified"]

@@ -39,6 +39,7 @@ guarantee (a concentration bound that is, e.g. Thomas et al. 2015's, is far loos
 import abc
 import dataclasses
 import math
+import warnings
 
 import equinox as eqx
 import jax
@@ -94,11 +95,24 @@ def episode_terms(problem, theta: PyTree, batch: LoggedBatch) -> tuple[jax.Array
 
 
 def _wis(counts, terms):
-    """Weighted per-decision IS estimates for each row of episode ``counts`` (B, n)."""
+    """Weighted per-decision IS estimates for each row of episode ``counts`` (B, n); NaN where every weight of a step
+    is zero (the episodes at hand say nothing about it: e.g. weights that underflowed far from the behaviour)."""
     W, WL, W_end, W_end_phi = terms
-    tiny = jnp.finfo(W.dtype).tiny
-    steps = jnp.sum((counts @ WL) / jnp.maximum(counts @ W, tiny), axis=-1)
-    return steps + (counts @ W_end_phi) / jnp.maximum(counts @ W_end, tiny)
+
+    def ratio(num, den):
+        return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
+
+    return jnp.sum(ratio(counts @ WL, counts @ W), axis=-1) + ratio(counts @ W_end_phi, counts @ W_end)
+
+
+def _no_support_warning(what: str) -> None:
+    warnings.warn(
+        f"{what}: at some step every logged episode has importance weight zero (theta is so far from the behaviour "
+        "that the weights underflow, or outside its support), so the log cannot estimate J there; not certified. "
+        "Take smaller steps (ESSBudget) or log data nearer this theta.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ bounds
@@ -131,10 +145,13 @@ class BootstrapBound(AbstractImprovementBound):
         n = ref_terms[0].shape[0]
         ones = jnp.ones((1, n), ref_terms[0].dtype)
         estimate = float((_wis(ones, ref_terms) - _wis(ones, new_terms))[0])
+        if not math.isfinite(estimate):
+            _no_support_warning("BootstrapBound")
+            return -math.inf, estimate
         idx = jax.random.randint(key, (self.resamples, n), 0, n)
         counts = jax.vmap(lambda i: jnp.zeros(n, ref_terms[0].dtype).at[i].add(1.0))(idx)
         diffs = np.asarray(_wis(counts, ref_terms) - _wis(counts, new_terms))
-        if not np.all(np.isfinite(diffs)):
+        if not np.all(np.isfinite(diffs)):  # some resamples hold no weighted episode at some step
             return -math.inf, estimate
         return float(np.quantile(diffs, delta)), estimate
 
@@ -157,6 +174,9 @@ class StudentTBound(AbstractImprovementBound):
         )
         n = d.shape[0]
         mean = float(d.mean())
+        if any(not np.all(np.asarray(t[0]).any(axis=0)) or not np.asarray(t[2]).any() for t in (ref_terms, new_terms)):
+            _no_support_warning("StudentTBound")
+            return -math.inf, math.nan
         if n < 2 or not np.all(np.isfinite(d)):
             return -math.inf, mean
         half = float(stats.t.ppf(1.0 - delta, n - 1)) * float(d.std(ddof=1)) / math.sqrt(n)

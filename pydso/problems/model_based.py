@@ -39,6 +39,7 @@ from ..estimators import as_batch, is_dataset
 from ..optimize import (
     AbstractImprovementBound,
     BootstrapBound,
+    ESSBudget,
     OptimizeResult,
     episode_terms,
     minimize,
@@ -63,7 +64,8 @@ class ModelBasedResult:
     - ``check``: the off-policy check against the log: ``lower_bound`` and ``estimate`` of
       :math:`J(\theta_b) - J(\hat\theta)`, ``ess`` (per-episode ESS of the log at ``theta`` under the model),
       ``ess_behaviour`` (the same at ``theta_b``: below ``n`` when the model's density differs from the logged
-      one), ``n``, ``certified`` (lower bound > 0) and ``confidence``.
+      one), ``n``, ``ess_floor``, ``certified`` (lower bound > 0 *and* ``ess >= ess_floor``: a bound carried by a
+      handful of episodes is not trusted) and ``confidence``.
     """
 
     theta: PyTree
@@ -93,6 +95,7 @@ def model_based_improve(
     bound: AbstractImprovementBound | None = None,
     confidence: float = 0.95,
     fit_options: dict | None = None,
+    budget: ESSBudget | None = None,
 ) -> ModelBasedResult:
     r"""Identify the plant from ``log``, optimise the policy on the model from ``theta_b``, check it on the log
     (module docstring).
@@ -113,6 +116,9 @@ def model_based_improve(
     - ``eval_episodes``: model rollouts for ``model_objective``.
     - ``bound``, ``confidence``: the lower bound of the check (default :class:`~pydso.optimize.BootstrapBound`).
     - ``fit_options``: further keywords of :func:`pydso.problems.sysid.fit` (e.g. ``max_steps``).
+    - ``budget``: the ESS floor of the check, :meth:`~pydso.optimize.ESSBudget.threshold` of the ``n`` logged
+      episodes (default ``ESSBudget()``: max(10, 0.1 n)). The bootstrap bound is unreliable when a few episodes carry
+      the weight, so below the floor the result is not certified whatever the bound says.
 
     **Returns:** a :class:`ModelBasedResult`.
     """
@@ -158,13 +164,15 @@ def model_based_improve(
     bound = BootstrapBound() if bound is None else bound
     ref, new = episode_terms(problem, theta_b, batch), episode_terms(problem, theta, batch)
     lower, estimate = bound.lower(ref, new, 1.0 - confidence, key=k_bound)
+    ess, floor = _ess(new[2]), (ESSBudget() if budget is None else budget).threshold(batch.n_episodes)
     check = {
         "lower_bound": lower,
         "estimate": estimate,
-        "ess": _ess(new[2]),
+        "ess": ess,
         "ess_behaviour": _ess(ref[2]),
         "n": batch.n_episodes,
-        "certified": bool(lower > 0),
+        "ess_floor": floor,
+        "certified": bool(lower > 0 and ess >= floor),
         "confidence": confidence,
     }
     return ModelBasedResult(theta, fit, problem, opt, (j_model(theta_b), j_model(theta)), check)
