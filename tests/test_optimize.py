@@ -1,4 +1,7 @@
-"""minimize: convergence to the Riccati optimum, exact resume from checkpoints (every method), divergence guard."""
+"""minimize: convergence to the Riccati optimum, exact resume from checkpoints (every method), divergence guard,
+one compiled training step shared by every step and run (no recompilation between steps or phases)."""
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -231,3 +234,68 @@ def test_least_squares_step_compiles_once_from_weakly_typed_theta(monkeypatch):
     result = pydso.minimize(Rosenbrock(), theta0, key=jax.random.key(0), method=pydso.LevenbergMarquardt(), steps=60)
     assert len(traces) == 1
     np.testing.assert_allclose([result.theta["a"], result.theta["b"]], [1.0, 1.0], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ compile once
+class Compiles(logging.Handler):
+    """Collects JAX's "Finished XLA compilation of jit(<name>)" log records."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.names = []
+        self.messages = 0
+
+    def emit(self, record):
+        self.messages += 1
+        message = record.getMessage()
+        if message.startswith("Finished XLA compilation of "):
+            self.names.append(message.removeprefix("Finished XLA compilation of ").split(" in ")[0])
+
+
+def _compiled_during(fn, log=None):
+    """``(fn(), log)``: the compilations JAX reports while ``fn`` runs, collected in ``log`` (a new one by default)."""
+    log = Compiles() if log is None else log
+    logging.getLogger("jax").addHandler(log)
+    try:
+        with jax.log_compiles(True):
+            out = fn()
+    finally:
+        logging.getLogger("jax").removeHandler(log)
+    return out, log
+
+
+def test_gradient_training_compiles_one_step_shared_by_every_step_and_run():
+    method = pydso.Gradient(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.05)), n=8)
+    problem, theta0, key = double_integrator(sigma=0.05, horizon=20).problem(), jnp.zeros((1, 2)), jax.random.key(7)
+    jax.clear_caches()  # nothing compiled by earlier tests may hide a compilation of this run
+    method.check(problem, theta0)  # the argument checks' own eager sampling, compiled before the run is watched
+    compiled_by_step = []
+    log_first = Compiles()
+
+    def first_run():
+        def seen(info):
+            compiled_by_step.append(len(log_first.names))
+
+        return pydso.minimize(problem, theta0, key=key, steps=6, method=method, callback=seen)
+
+    first, _ = _compiled_during(first_run, log_first)
+    assert log_first.messages, "jax.log_compiles reported nothing: the check would be vacuous"
+    # Exactly two compilations: the optimiser's initial state and the one training step (key, episodes, estimate,
+    # update and divergence tests), before the first step ends; no separate check kernels, no eager key or
+    # optimiser-state kernels, nothing recompiled in later steps.
+    assert log_first.names == ["jit(_gradient_init)", "jit(_gradient_step)"], log_first.names
+    assert compiled_by_step == [2] * 6
+
+    # Another run of the same method and problem, with a progress bar and a callback: nothing is compiled.
+    second, log = _compiled_during(
+        lambda: pydso.minimize(problem, theta0, key=key, steps=6, method=method, progress=True, callback=print)
+    )
+    assert log.names == [], log.names
+    np.testing.assert_array_equal(np.asarray(second.theta), np.asarray(first.theta))
+
+    # The fused step equals the method's own steps with the keys drawn outside: fold_in(key, k) per step.
+    theta, state = theta0, method.init(problem, theta0)
+    for k in range(6):
+        theta, state, stats = method.step(problem, theta, state, key=jax.random.fold_in(key, k))
+        assert float(stats.objective) == first.history["objective"][k]
+    np.testing.assert_array_equal(np.asarray(theta), np.asarray(first.theta))

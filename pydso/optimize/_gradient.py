@@ -4,6 +4,7 @@ import warnings
 
 import equinox as eqx
 import jax
+import numpy as np
 import optax
 
 from .._checks import check_positive_int
@@ -11,7 +12,7 @@ from .._errors import ProblemError
 from .._typing import PyTree
 from ..engine import episode_keys
 from ..estimators import AbstractEstimator, Pathwise, as_estimator, jit_estimate
-from ._base import AbstractMethod, StepStats
+from ._base import AbstractMethod, StepStats, divergence_flags
 
 __all__ = ["Gradient", "describe_estimator"]
 
@@ -26,12 +27,24 @@ def describe_estimator(estimator: AbstractEstimator) -> str:
 
 
 @eqx.filter_jit
-def _gradient_step(estimator, optimizer, n, problem, theta, opt_state, key):
-    """One compiled step (module level, so repeated or resumed runs reuse the compilation)."""
+def _gradient_step(estimator, optimizer, n, problem, theta, opt_state, key, index=None):
+    """One compiled step: the step's key (``fold_in(key, index)`` when ``index``, a traced integer, is given),
+    episodes, gradient estimate, optax update and the divergence guard's tests, all in one function (module level,
+    so every step, repeated and resumed runs reuse the one compilation)."""
+    if index is not None:
+        key = jax.random.fold_in(key, index)
     est = jit_estimate(estimator, problem, theta, episode_keys(key, n))
-    updates, opt_state = optimizer.update(est.gradient, opt_state, theta)
+    updates, new_state = optimizer.update(est.gradient, opt_state, theta)
     stats = StepStats(est.objective, est.objective_stderr, optax.tree.norm(est.gradient))
-    return optax.apply_updates(theta, updates), opt_state, stats
+    new_theta = optax.apply_updates(theta, updates)
+    return new_theta, new_state, stats, divergence_flags(opt_state, new_theta, new_state)
+
+
+@eqx.filter_jit
+def _gradient_init(optimizer, theta):
+    """The optimizer's initial state as one compiled call (eagerly, every distinct leaf shape would compile its own
+    tiny ``zeros`` kernel before the first step)."""
+    return optimizer.init(theta)
 
 
 class Gradient(AbstractMethod):
@@ -80,10 +93,15 @@ class Gradient(AbstractMethod):
         problem.check_theta(theta)
 
     def init(self, problem, theta: PyTree) -> PyTree:
-        return self.optimizer.init(theta)
+        return _gradient_init(self.optimizer, theta)
 
     def step(self, problem, theta: PyTree, state: PyTree, *, key: jax.Array):
-        return _gradient_step(self.estimator, self.optimizer, self.n, problem, theta, state, key)
+        return _gradient_step(self.estimator, self.optimizer, self.n, problem, theta, state, key)[:3]
+
+    def checked_step(self, problem, theta: PyTree, state: PyTree, *, key: jax.Array, index: int):
+        # The step index goes in as a (traced) array: a Python int would be static and recompile every step.
+        index = np.asarray(index, dtype=np.uint32)
+        return _gradient_step(self.estimator, self.optimizer, self.n, problem, theta, state, key, index)
 
     def describe(self) -> str:
         return f"Gradient(estimator={describe_estimator(self.estimator)}, n={self.n})"

@@ -26,7 +26,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,32 +106,6 @@ class OptimizeResult:
         ax.set_ylabel("J estimate")
         ax.grid(True, alpha=0.3)
         return ax
-
-
-@eqx.filter_jit
-def _all_finite(tree):
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.array(leaves)) if leaves else jnp.array(True)
-
-
-@eqx.filter_jit
-def _stays_finite(old, new):
-    """False if a float leaf of the method state that was finite became inf/NaN (e.g. Adam's second moment of a
-    gradient of 1e200). Leaves whose shape changed (growing stores of episodes) are checked for finiteness where the
-    old leaf was finite everywhere; leaves that were already non-finite (e.g. a best value initialised to inf) are
-    not checked."""
-    oks = []
-    old_leaves, new_leaves = jax.tree.leaves(old), jax.tree.leaves(new)
-    if len(old_leaves) != len(new_leaves):
-        return jnp.array(True)
-    for a, b in zip(old_leaves, new_leaves, strict=True):
-        if not (hasattr(b, "dtype") and jnp.issubdtype(b.dtype, jnp.inexact)):
-            continue
-        if a.shape == b.shape:
-            oks.append(jnp.all(jnp.isfinite(b) | ~jnp.isfinite(a)))
-        elif a.size:
-            oks.append(jnp.all(jnp.isfinite(b)) | ~jnp.all(jnp.isfinite(a)))
-    return jnp.all(jnp.array(oks)) if oks else jnp.array(True)
 
 
 def _locate_divergence(problem, theta, method, key) -> str:
@@ -222,14 +195,11 @@ def minimize(
     try:
         for k in bar:
             c = committed
-            new_theta, new_state, stats = method.step(problem, c.theta, c.state, key=jax.random.fold_in(key, k))
-            core, extra, finite, state_ok = jax.device_get(
-                (
-                    (stats.objective, stats.objective_stderr, stats.grad_norm),
-                    stats.extra,
-                    _all_finite(new_theta),
-                    _stays_finite(c.state, new_state),
-                )
+            # One call: the step (key fold_in(key, k)) and the divergence guard's tests of its result (for Gradient:
+            # one compiled function shared by every step), then one transfer of the scalars to the host.
+            new_theta, new_state, stats, flags = method.checked_step(problem, c.theta, c.state, key=key, index=k)
+            core, extra, (finite, state_ok) = jax.device_get(
+                ((stats.objective, stats.objective_stderr, stats.grad_norm), stats.extra, flags)
             )
             obj, obj_se, gnorm = (float(v) for v in core)
             extra = {name: float(v) for name, v in extra.items()}
