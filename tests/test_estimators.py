@@ -100,13 +100,18 @@ def test_pathwise_gradient_through_ode_matches_finite_differences():
     np.testing.assert_allclose(np.asarray(est.gradient), fd, rtol=1e-6)
 
 
-def test_pathwise_gradient_sde_matches_common_random_number_differences():
-    problem = pydso.Problem(
+def _damped_sde():
+    """dx = -a x dt + 0.3 dW in 2-d, cost |x|^2 + 0.1 a^2, 50 Euler-Maruyama steps."""
+    return pydso.Problem(
         pydso.SDESystem(lambda t, x, a: -a * x, lambda t, x, a: 0.3 * jnp.ones_like(x), dt=0.02),
         lambda x, a: jnp.sum(x**2) + 0.1 * a**2,
         pydso.FiniteHorizon(50),
         pydso.Normal(jnp.ones(2), 0.1),
     )
+
+
+def test_pathwise_gradient_sde_matches_common_random_number_differences():
+    problem = _damped_sde()
     a = jnp.asarray(1.5)
     est = pydso.pathwise_gradient(problem, a, key=jax.random.key(4), n=32)
     f = lambda a: float(jnp.mean(pydso.rollout(problem, a, key=jax.random.key(4), n=32).objective))
@@ -259,13 +264,7 @@ def test_forward_mode_pathwise_equals_reverse_mode_per_episode(kind):
     if kind == "lqr_chain":
         problem, theta = LQR.problem(), K_TEST
     elif kind == "sde":
-        problem = pydso.Problem(
-            pydso.SDESystem(lambda t, x, a: -a * x, lambda t, x, a: 0.3 * jnp.ones_like(x), dt=0.02),
-            lambda x, a: jnp.sum(x**2) + 0.1 * a**2,
-            pydso.FiniteHorizon(50),
-            pydso.Normal(jnp.ones(2), 0.1),
-        )
-        theta = jnp.asarray(1.5)
+        problem, theta = _damped_sde(), jnp.asarray(1.5)
     else:
         theta = jnp.array([10.0, 28.0, 8.0 / 3.0])
         if kind == "ode_fastpath":
