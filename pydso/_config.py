@@ -5,7 +5,8 @@ gradients need it. Importing pydso therefore sets ``jax_enable_x64`` unless the 
 ``PYDSO_X64=0`` is set before import (then JAX's default float32 is kept; use it for large GPU ensembles).
 A persistent compilation cache is enabled when ``PYDSO_CACHE_DIR`` names a directory.
 
-XLA runs one compiled ensemble on one CPU core. ``PYDSO_CPU_DEVICES=N`` (set before the first JAX computation)
+XLA runs one compiled ensemble as one program (it splits only some of its loops over the cores).
+``PYDSO_CPU_DEVICES=N`` (set before the first JAX computation)
 splits the host CPU into ``N`` JAX devices (``--xla_force_host_platform_device_count``), and pydso shards the
 episodes of rollouts and gradient estimates over them (:func:`pydso.engine.shard_episodes`), so ensembles use
 ``N`` cores. It changes ``jax.devices()`` for the whole process, which is why it is opt-in.
