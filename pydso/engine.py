@@ -97,10 +97,17 @@ def shard_episodes(keys: jax.Array) -> jax.Array:
 
 
 @eqx.filter_jit
-def rollout_chunk(problem: Problem, theta: PyTree, keys: jax.Array, backend: "str | AbstractBackend | None" = None):
-    """Simulate one episode per key with ``backend`` and wrap the result as :class:`Trajectories`. Not compiled by
-    itself: it is traceable, and estimators call it inside their own compiled functions."""
-    return _trajectories(problem, get_backend(backend).simulate(problem, theta, keys))
+def rollout_chunk(
+    problem: Problem,
+    theta: PyTree,
+    keys: jax.Array,
+    backend: "str | AbstractBackend | None" = None,
+    save: str = "all",
+):
+    """Simulate one episode per key with ``backend`` and wrap the result as :class:`Trajectories` (without the states
+    for ``save="costs"``, see :func:`rollout`). Not compiled by itself: it is traceable, and estimators call it
+    inside their own compiled functions."""
+    return _trajectories(problem, get_backend(backend).simulate(problem, theta, keys), save)
 
 
 def _trajectories(problem: Problem, b: EpisodeBatch, save: str = "all") -> Trajectories:
@@ -131,12 +138,6 @@ def _rollout_chunk_checked(
     if problem.system.has_log_prob:  # a non-finite log-density flags a bad noise scale or transition matrix
         finite = finite & jnp.all(jnp.isfinite(b.log_probs), axis=1)
     return _trajectories(problem, b, save), finite
-
-
-@eqx.filter_jit
-def _rollout_chunk_costs(problem: Problem, theta: PyTree, keys: jax.Array, backend: AbstractBackend):
-    """:func:`rollout_chunk` without the states (``save="costs"``, ``check=False``)."""
-    return _trajectories(problem, backend.simulate(problem, theta, keys), "costs")
 
 
 _SAVE = ("all", "costs")
@@ -219,10 +220,8 @@ def rollout(
                 k = jnp.concatenate([k, jnp.broadcast_to(k[:1], (pad,))])
             if check:
                 piece, finite = _rollout_chunk_checked(problem, theta, shard_episodes(k), backend, save)
-            elif save == "costs":
-                piece = _rollout_chunk_costs(problem, theta, shard_episodes(k), backend)
             else:
-                piece = rollout_chunk(problem, theta, shard_episodes(k), backend)
+                piece = rollout_chunk(problem, theta, shard_episodes(k), backend, save)
             if pad:
                 piece = _take(piece, slice(0, chunk - pad))
             if check and not bool(np.all(np.asarray(finite)[: chunk - pad])):

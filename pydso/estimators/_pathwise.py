@@ -96,11 +96,9 @@ class Pathwise(AbstractEstimator):
         keys = keys.reshape((G, m) + keys.shape[1:])
         mask = (jnp.arange(G * m) < n).reshape(G, m)
         sizes = mask.sum(axis=1)
-        w = jnp.asarray(problem.setting.weights()[0])
 
         def group_mean(theta, keys_g, mask_g):
-            b = backend.simulate(problem, theta, keys_g, checkpoints=self.checkpoints)
-            values = b.costs @ w.astype(b.costs.dtype) + b.terminal_weights * b.terminal_costs
+            values = self._episode_objectives(backend, problem, theta, keys_g)
             return jnp.sum(jnp.where(mask_g, values, 0.0)) / jnp.sum(mask_g, dtype=values.dtype), values
 
         value_and_grad = jax.value_and_grad(group_mean, has_aux=True)
@@ -109,14 +107,18 @@ class Pathwise(AbstractEstimator):
         values = values.reshape(-1)[:n]
         return Estimate(mean, stderr, jnp.mean(values), jnp.std(values, ddof=1) / jnp.sqrt(n))
 
+    def _episode_objectives(self, backend, problem, theta, keys):
+        r"""The simulated objectives :math:`\hat J_i = \sum_t w_t L_{i,t} + w_{end}\Phi_i` of one episode per key."""
+        b = backend.simulate(problem, theta, keys, checkpoints=self.checkpoints)
+        w = jnp.asarray(problem.setting.weights()[0], b.costs.dtype)
+        return b.costs @ w + b.terminal_weights * b.terminal_costs
+
     def _forward_estimate(self, problem, theta, keys):
         backend = get_backend(self.backend)
         n = keys.shape[0]
-        w = jnp.asarray(problem.setting.weights()[0])
 
         def values(theta):
-            b = backend.simulate(problem, theta, keys, checkpoints=self.checkpoints)
-            v = b.costs @ w.astype(b.costs.dtype) + b.terminal_weights * b.terminal_costs
+            v = self._episode_objectives(backend, problem, theta, keys)
             return v, v
 
         try:

@@ -105,6 +105,13 @@ def _wis(counts, terms):
     return jnp.sum(ratio(counts @ WL, counts @ W), axis=-1) + ratio(counts @ W_end_phi, counts @ W_end)
 
 
+def _supported(terms) -> bool:
+    """Whether every step (and the end) of the logged episodes carries some importance weight: where none does, the
+    log cannot estimate J (the weighted estimate is undefined, the ordinary one degenerate)."""
+    W, _, W_end, _ = terms  # non-negative: a zero sum means no episode carries weight there
+    return bool(np.all(np.asarray(W).sum(axis=0) > 0) and np.asarray(W_end).sum() > 0)
+
+
 def _no_support_warning(what: str) -> None:
     warnings.warn(
         f"{what}: at some step every logged episode has importance weight zero (theta is so far from the behaviour "
@@ -143,11 +150,11 @@ class BootstrapBound(AbstractImprovementBound):
 
     def lower(self, ref_terms, new_terms, delta, *, key):
         n = ref_terms[0].shape[0]
+        if not (_supported(ref_terms) and _supported(new_terms)):
+            _no_support_warning("BootstrapBound")
+            return -math.inf, math.nan
         ones = jnp.ones((1, n), ref_terms[0].dtype)
         estimate = float((_wis(ones, ref_terms) - _wis(ones, new_terms))[0])
-        if not math.isfinite(estimate):
-            _no_support_warning("BootstrapBound")
-            return -math.inf, estimate
         idx = jax.random.randint(key, (self.resamples, n), 0, n)
         counts = jax.vmap(lambda i: jnp.zeros(n, ref_terms[0].dtype).at[i].add(1.0))(idx)
         diffs = np.asarray(_wis(counts, ref_terms) - _wis(counts, new_terms))
@@ -174,7 +181,7 @@ class StudentTBound(AbstractImprovementBound):
         )
         n = d.shape[0]
         mean = float(d.mean())
-        if any(not np.all(np.asarray(t[0]).any(axis=0)) or not np.asarray(t[2]).any() for t in (ref_terms, new_terms)):
+        if not (_supported(ref_terms) and _supported(new_terms)):
             _no_support_warning("StudentTBound")
             return -math.inf, math.nan
         if n < 2 or not np.all(np.isfinite(d)):

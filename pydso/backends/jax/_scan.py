@@ -109,7 +109,7 @@ def episode_major_scan(
         carry, (xs_b, ex_b) = jax.lax.scan(f, carry, x_block, length=m)
         return carry, jnp.transpose(xs_b, (2, 0, 1)), jax.tree.map(lambda e: e.T, ex_b)
 
-    _, (x_spec, ex_spec) = jax.eval_shape(lambda c, x: f(c, x), init, jax.tree.map(lambda a: a[0], xs))
+    _, (x_spec, ex_spec) = jax.eval_shape(f, init, jax.tree.map(lambda a: a[0], xs))
     states = jnp.zeros((N, length + 1, d), x_spec.dtype).at[:, 0].set(first.astype(x_spec.dtype))
     extras = jax.tree.map(lambda e: jnp.zeros((N, length), e.dtype), ex_spec)
 
